@@ -1,0 +1,62 @@
+import pytest
+
+from helpers import Vtunnel, socket_dir, tunnel_entry, write_config
+
+
+class Deployment:
+    """A peer and a host (or one `local` process) over an emulated vsock transport."""
+
+    def __init__(self, mode, tmp_path):
+        self.mode, self.tmp_path = mode, tmp_path
+        self.transport = {"tcp": "tcp:127.0.0.1", "unix": f"unix:{socket_dir()}/v", "local": None}[mode]
+        self.tunnels, self.peer, self.host, self.local = [], None, None, None
+
+    def add_tunnel(self, name, upstream_port=None, upstream=None):
+        kind = "tcp" if self.mode in ("tcp", "local") else "unix"
+        entry = tunnel_entry(name, upstream_port, kind, upstream=upstream)
+        self.tunnels.append(entry)
+        self.config = write_config(self.tmp_path, self.tunnels)
+        return entry
+
+    def start_peer(self):
+        self.peer = self._start("peer")
+        return self.peer
+
+    def start_host(self):
+        self.host = self._start("host")
+        return self.host
+
+    def start(self):
+        if self.mode == "local":
+            self.local = Vtunnel("local", "--config-path", self.config, "--log-level", "debug",
+                                 log_dir=self.tmp_path)
+        else:
+            self.start_peer()
+            self.start_host()
+        return self
+
+    def _start(self, role):
+        return Vtunnel(role, "--config-path", self.config, "--vsock", self.transport,
+                       "--log-level", "debug", "--grace", "2", log_dir=self.tmp_path)
+
+    def processes(self):
+        return [p for p in (self.peer, self.host, self.local) if p]
+
+    def logs(self):
+        return "\n".join(f"--- {p.args[0]}:\n{p.log}" for p in self.processes())
+
+    def stop(self):
+        return [p.stop() for p in self.processes()]
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    made = []
+
+    def make(mode):
+        made.append(Deployment(mode, tmp_path))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.stop()

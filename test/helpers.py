@@ -1,0 +1,248 @@
+"""Real sockets, servers and vtunnel processes for the tests (loopback and Unix sockets only)."""
+
+import contextlib
+import hashlib
+import http.server
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    """A TCP port the kernel just handed out on loopback (ephemeral, so parallel runs don't collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=20.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- upstreams
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, handler, address=("127.0.0.1", 0)):
+        super().__init__(address, handler)
+        self.received = []  # (bytes count, sha256) of every finished connection
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def record(self, count, digest):
+        with self.lock:
+            self.received.append((count, digest))
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    """Echoes every byte; on end of stream half-closes back, and records what it got."""
+
+    def handle(self):
+        digest, count = hashlib.sha256(), 0
+        while data := self.request.recv(262144):
+            digest.update(data)
+            count += len(data)
+            self.request.sendall(data)
+        self.request.shutdown(socket.SHUT_WR)
+        self.server.record(count, digest.hexdigest())
+
+
+class _DigestAfterEofHandler(socketserver.BaseRequestHandler):
+    """Reads until the client half-closes, then answers with a large reply derived from what it read."""
+
+    def handle(self):
+        digest, count = hashlib.sha256(), 0
+        while data := self.request.recv(262144):
+            digest.update(data)
+            count += len(data)
+        self.server.record(count, digest.hexdigest())
+        self.request.sendall(reply_for(count, digest.hexdigest()))
+        self.request.close()
+
+
+def reply_for(count, hexdigest):
+    """The half-close server's answer: big enough to need many reads after the client's FIN."""
+    return f"{count} {hexdigest}\n".encode() * 20000
+
+
+def echo_server():
+    return _Server(_EchoHandler)
+
+
+def half_close_server():
+    return _Server(_DigestAfterEofHandler)
+
+
+class HttpServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, body):
+        body_bytes = body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body_bytes)))
+                self.end_headers()
+                self.wfile.write(body_bytes)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+# ---------------------------------------------------------------- clients
+
+def exchange(port, payload, timeout=60.0, host="127.0.0.1"):
+    """Send payload (then half-close) while reading everything back; returns the bytes read."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        return exchange_on(sock, payload)
+
+
+def exchange_on(sock, payload):
+    failure = []
+
+    def send():
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            failure.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    chunks = []
+    while data := sock.recv(262144):
+        chunks.append(data)
+    sender.join()
+    if failure:
+        raise failure[0]
+    return b"".join(chunks)
+
+
+def echo_works(port, size=1024):
+    payload = os.urandom(size)
+    try:
+        return exchange(port, payload, timeout=5) == payload
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- vtunnel processes
+
+def write_config(directory, tunnels):
+    """tunnels: dicts with the config keys; returns the path of the YAML file."""
+    path = Path(directory) / "config.yaml"
+    path.write_text(yaml.safe_dump({"tunnel": tunnels}, sort_keys=False))
+    return path
+
+
+def tunnel_entry(name, upstream_port, transport="tcp", peer_port=None, upstream=None):
+    """A config entry; with the tcp transport the vsock ports are free TCP ports too."""
+    vsock_port = free_port if transport == "tcp" else _next_vsock_port
+    return {
+        "name": name,
+        "handshake-port": vsock_port(),
+        "vsock-host-port": vsock_port(),
+        "peer-address": "127.0.0.1",
+        "peer-port": peer_port or free_port(),
+        "upstream-server-address": upstream or f"127.0.0.1:{upstream_port}",
+    }
+
+
+_vsock_ports = iter(range(5000, 10**6))
+
+
+def _next_vsock_port():
+    return next(_vsock_ports)
+
+
+def socket_dir():
+    """A short directory for Unix sockets (paths are limited to 107 bytes)."""
+    return tempfile.mkdtemp(prefix="vt", dir="/tmp")
+
+
+class Vtunnel:
+    """A real `vtunnel` process; its log goes to a file the test can read."""
+
+    def __init__(self, *args, log_dir):
+        self.args = [str(a) for a in args]
+        self.log_path = Path(log_dir) / f"vtunnel-{self.args[0]}-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "vtunnel", *self.args],
+                                        stdout=self.log_file, stderr=subprocess.STDOUT,
+                                        cwd=ROOT)
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def wait_for_log(self, text, timeout=20):
+        wait_until(lambda: text in self.log or not self.alive(), timeout, what=f"{text!r} in the log")
+        assert text in self.log, f"vtunnel exited ({self.process.returncode}) without logging {text!r}:\n{self.log}"
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.alive():
+            self.process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+        return self.process.returncode
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+
+def run_vtunnel(*args, timeout=30):
+    """Run vtunnel to completion; returns (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "vtunnel", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    return done.returncode, done.stdout, done.stderr

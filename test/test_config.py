@@ -1,0 +1,147 @@
+"""Config validation: every error names the file, the line, the tunnel and the key."""
+
+import textwrap
+
+import pytest
+
+import vtunnel
+from vtunnel import ConfigError, NamedPipeUpstream, TcpUpstream, parse_config, parse_upstream
+
+GOOD = """\
+tunnel:
+  - name: tcpTunnel
+    handshake-port: 9090
+    vsock-host-port: 8989
+    peer-address: 127.0.0.1
+    peer-port: 3030
+    upstream-server-address: 127.0.0.1:4444
+  - name: npipeTunnel
+    handshake-port: 9091
+    vsock-host-port: 8990
+    peer-address: 127.0.0.1
+    peer-port: 4040
+    upstream-server-address: npipe:////./pipe/my-upstream-server
+"""
+
+
+def errors_of(text):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(textwrap.dedent(text), "c.yaml")
+    return caught.value.errors
+
+
+def one_error(text):
+    errors = errors_of(text)
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+FIRST = {key: value for key, value in
+         (line.strip().lstrip("- ").split(": ", 1) for line in GOOD.splitlines()[1:7])}
+
+
+def with_key(key, value):
+    """GOOD's first tunnel with `key` set to `value` (None: removed), written on line 3."""
+    keys = {key: value, **{k: v for k, v in FIRST.items() if k != key}}
+    return "tunnel:\n  -\n" + "".join(f"    {k}: {v}\n" for k, v in keys.items() if v is not None)
+
+
+def test_the_go_vtunnel_readme_config_loads():
+    tcp, pipe = parse_config(GOOD, "c.yaml")
+    assert (tcp.name, tcp.handshake_port, tcp.vsock_host_port, tcp.peer_address, tcp.peer_port) == \
+        ("tcpTunnel", 9090, 8989, "127.0.0.1", 3030)
+    assert tcp.upstream == TcpUpstream("127.0.0.1", 4444)
+    assert pipe.upstream == NamedPipeUpstream(r"\\.\pipe\my-upstream-server")
+    assert str(pipe.upstream) == "npipe:////./pipe/my-upstream-server"
+
+
+def test_the_shipped_config_is_valid():
+    tunnels = vtunnel.load_config(vtunnel.__file__.replace("vtunnel.py", "config.yaml"))
+    assert tunnels and all(vtunnel.is_loopback(t.peer_address) for t in tunnels)
+
+
+@pytest.mark.parametrize("key", list(vtunnel.KEYS))
+def test_missing_key(key):
+    error = one_error(with_key(key, None))
+    assert error.startswith("c.yaml:3: tunnel") and f"missing key '{key}'" in error
+
+
+def test_unknown_key_names_its_line():
+    error = one_error(with_key("colour", "blue"))
+    assert error.startswith("c.yaml:3: tunnel 'tcpTunnel': unknown key 'colour'")
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("peer-port", 0, "expected a TCP port from 1 to 65535, got 0"),
+    ("peer-port", 65536, "expected a TCP port from 1 to 65535, got 65536"),
+    ("peer-port", '"3030"', "expected an integer, got str '3030'"),
+    ("peer-port", "true", "expected an integer, got bool True"),
+    ("peer-port", 3.5, "expected an integer, got float 3.5"),
+    ("handshake-port", -1, "expected a vsock port from 0 to 4294967295, got -1"),
+    ("vsock-host-port", 4294967296, "expected a vsock port from 0 to 4294967295, got 4294967296"),
+    ("vsock-host-port", "[1, 2]", "expected an integer, got a list"),
+    ("peer-address", '""', "expected a non-empty string"),
+    ("peer-address", "not_an:address", "expected an IP address or a host name"),
+    ("upstream-server-address", "127.0.0.1", "expected HOST:PORT, got '127.0.0.1'"),
+    ("upstream-server-address", "127.0.0.1:0", "expected a TCP port from 1 to 65535 after the colon"),
+    ("upstream-server-address", "127.0.0.1:http", "expected a TCP port from 1 to 65535 after the colon"),
+    ("upstream-server-address", "::1:80", "an IPv6 address needs brackets: [::1]:80"),
+    ("upstream-server-address", "'[example.com]:80'", "expected an IPv6 address inside [ ]"),
+    ("upstream-server-address", "npipe://pipe", "expected npipe:////./pipe/NAME"),
+    ("upstream-server-address", "http://x:1", "expected HOST:PORT or npipe:////./pipe/NAME"),
+    ("upstream-server-address", "{a: 1}", "expected a non-empty string, got a mapping"),
+    ("name", "~", "expected a non-empty string, got nothing"),
+])
+def test_bad_values_name_key_line_and_expectation(key, value, expected):
+    error = one_error(with_key(key, value))
+    assert error.startswith("c.yaml:3: tunnel ") and f"key '{key}': {expected}" in error
+
+
+@pytest.mark.parametrize("address,host,port", [
+    ("127.0.0.1:4444", "127.0.0.1", 4444),
+    ("[::1]:8080", "::1", 8080),
+    ("localhost:80", "localhost", 80),
+    ("docker.internal:2375", "docker.internal", 2375),
+])
+def test_upstream_addresses(address, host, port):
+    upstream = parse_upstream(address)
+    assert upstream == TcpUpstream(host, port)
+    assert str(upstream) == address
+
+
+def test_duplicate_names_and_ports_are_reported_with_both_lines():
+    text = GOOD.replace("npipeTunnel", "tcpTunnel").replace("9091", "8989").replace("4040", "3030")
+    errors = errors_of(text)
+    assert "c.yaml:8: tunnel 'tcpTunnel': name 'tcpTunnel' is already used by tunnel 'tcpTunnel' (line 2)" in errors
+    assert any("handshake-port 8989 is already used" in e for e in errors)
+    assert any("peer-port 3030 is already used" in e for e in errors)
+
+
+def test_handshake_and_host_port_of_one_tunnel_must_differ():
+    error = one_error(with_key("vsock-host-port", 9090))
+    assert "vsock-host-port 9090 is already used by tunnel 'tcpTunnel'" in error
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "c.yaml:1: expected a mapping with a 'tunnel:' list, got nothing"),
+    ("- 1\n", "c.yaml:1: expected a mapping with a 'tunnel:' list, got a list"),
+    ("tunnel:\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got nothing"),
+    ("tunnel: []\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got an empty list"),
+    ("tunnel: {name: x}\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got a mapping"),
+    ("tunnel:\n  - 42\n", "c.yaml:2: tunnel #1: expected a mapping of name"),
+    ("tunnel: [\n", "c.yaml:2: not valid YAML"),
+    ("tunnel: []\ntunnel: []\n", "c.yaml:2: not valid YAML: key 'tunnel' appears twice"),
+    ("tunnels: []\n", "c.yaml:1: unknown key 'tunnels': expected 'tunnel'"),
+])
+def test_bad_documents(text, expected):
+    assert any(e.startswith(expected) for e in errors_of(text)), errors_of(text)
+
+
+def test_every_error_is_reported_at_once():
+    text = with_key("peer-port", 0).replace("9090", "-5")
+    assert len(errors_of(text)) == 2
+
+
+def test_only_loopback_peer_addresses_count_as_loopback():
+    assert vtunnel.is_loopback("127.0.0.1") and vtunnel.is_loopback("::1") and vtunnel.is_loopback("localhost")
+    assert not vtunnel.is_loopback("0.0.0.0") and not vtunnel.is_loopback("192.0.2.1")

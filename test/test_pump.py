@@ -1,0 +1,140 @@
+"""The pump, in-process over real loopback TCP connections driven by gevent."""
+
+import gc
+import hashlib
+import os
+import socket
+
+import gevent
+import gevent.socket
+import greenlet
+import pytest
+
+from vtunnel import Pump
+
+
+def tcp_pair():
+    """Two connected gevent sockets over loopback TCP."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = gevent.socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    listener.close()
+    return near, far
+
+
+@pytest.fixture
+def pumped():
+    """client <-> [left | Pump | right] <-> server; yields (client, server, pump greenlet)."""
+    client, left = tcp_pair()
+    right, server = tcp_pair()
+    client.settimeout(20)  # a hang is a failure, not a stuck run
+    server.settimeout(20)
+    pump = Pump(left, right)
+    running = gevent.spawn(pump.run)
+    yield client, server, running
+    running.kill()
+    client.close()
+    server.close()
+
+
+def read_all(sock):
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def live_greenlets():
+    return [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and not g.dead
+            and g is not greenlet.getcurrent() and g is not gevent.get_hub()]
+
+
+def test_half_close_from_the_client_side(pumped):
+    client, server, running = pumped
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    assert read_all(server) == b"request"  # the client's FIN arrived as end of stream
+    reply = os.urandom(3_000_000)
+    server.sendall(reply)  # and the other direction still flows
+    server.close()
+    assert read_all(client) == reply
+    pump = running.get(timeout=10)
+    assert pump.sent == [7, len(reply)] and pump.failure is None
+
+
+def test_half_close_from_the_server_side(pumped):
+    client, server, running = pumped
+    server.sendall(b"banner")
+    server.shutdown(socket.SHUT_WR)
+    assert read_all(client) == b"banner"
+    request = os.urandom(2_000_000)
+    client.sendall(request)
+    client.close()
+    assert read_all(server) == request
+    assert running.get(timeout=10).sent == [len(request), 6]
+
+
+def test_a_reset_in_the_middle_resets_the_other_side(pumped):
+    client, server, running = pumped
+    client.sendall(b"x" * 100_000)
+    server.recv(1000)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    server.close()  # RST, with unread bytes
+    pump = running.get(timeout=10)
+    assert pump.failure is not None and pump.failure[0] == "right"
+    with pytest.raises(ConnectionResetError):
+        read_all(client)  # a failure travels as a failure, never as a clean end
+
+
+def test_both_sides_closing_at_once(pumped):
+    client, server, running = pumped
+    client.sendall(b"a" * 1000)
+    server.sendall(b"b" * 2000)
+    gevent.sleep(0.05)
+    client.close()
+    server.close()
+    pump = running.get(timeout=10)
+    assert pump.sent == [1000, 2000]
+
+
+def test_large_transfer_both_ways_at_once_keeps_every_byte(pumped):
+    client, server, running = pumped
+    up, down = os.urandom(24 * 1024 * 1024), os.urandom(24 * 1024 * 1024)
+
+    def send(sock, data):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    senders = [gevent.spawn(send, client, up), gevent.spawn(send, server, down)]
+    readers = [gevent.spawn(read_all, server), gevent.spawn(read_all, client)]
+    gevent.joinall(senders + readers, raise_error=True, timeout=60)
+    assert hashlib.sha256(readers[0].value).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(readers[1].value).digest() == hashlib.sha256(down).digest()
+    assert running.get(timeout=10).sent == [len(up), len(down)]
+
+
+def test_no_greenlet_or_socket_outlives_its_connection():
+    before = len(live_greenlets())
+    for _ in range(20):
+        client, left = tcp_pair()
+        right, server = tcp_pair()
+        running = gevent.spawn(Pump(left, right).run)
+        client.sendall(b"ping")
+        assert server.recv(4) == b"ping"
+        client.close()
+        server.close()
+        running.join(timeout=10)
+        assert left.closed and right.closed
+    gc.collect()
+    assert len(live_greenlets()) <= before
+
+
+def test_killing_the_pump_closes_both_ends(pumped):
+    client, server, running = pumped
+    client.sendall(b"data")
+    assert server.recv(4) == b"data"
+    running.kill(timeout=5)
+    assert client.recv(10) == b""
+    assert server.recv(10) == b""

@@ -1,0 +1,71 @@
+"""Transport parsing, port -> address mapping and the Hyper-V service GUIDs."""
+
+import socket
+import uuid
+
+import pytest
+
+import vtunnel
+from vtunnel import (
+    HyperVTransport,
+    TcpTransport,
+    UnixTransport,
+    UsageError,
+    VsockTransport,
+    hyperv_service_id,
+    parse_transport,
+)
+
+
+@pytest.mark.parametrize("port,guid", [
+    (0, "00000000-FACB-11E6-BD58-64006A7986D3"),
+    (8989, "0000231D-FACB-11E6-BD58-64006A7986D3"),
+    (9090, "00002382-FACB-11E6-BD58-64006A7986D3"),
+    (0xFFFFFFFF, "FFFFFFFF-FACB-11E6-BD58-64006A7986D3"),
+])
+def test_hyperv_service_id_is_the_vsock_template(port, guid):
+    assert hyperv_service_id(port) == guid
+    assert uuid.UUID(guid).fields[0] == port  # the port is the GUID's first field
+
+
+def test_parse_transport():
+    assert isinstance(parse_transport("vsock"), VsockTransport)
+    assert parse_transport("vsock").dial_address(8989) == (vtunnel.VMADDR_CID_HOST, 8989)
+    assert parse_transport("vsock:1").dial_address(5) == (1, 5)
+    assert parse_transport("vsock").listen_address(5) == (0xFFFFFFFF, 5)
+    assert parse_transport("tcp:127.0.0.1").dial_address(8989) == ("127.0.0.1", 8989)
+    assert parse_transport("tcp:[::1]").family == socket.AF_INET6
+    assert parse_transport("unix:/run/vt").dial_address(9090) == "/run/vt_9090"
+    hyperv = parse_transport("hyperv")
+    assert isinstance(hyperv, HyperVTransport)
+    hyperv.vm_id = "D7F8B0B2-0D4B-4B36-A6F4-4C1A9A3D2E11"
+    assert hyperv.listen_address(8989) == (hyperv.vm_id, "0000231D-FACB-11E6-BD58-64006A7986D3")
+
+
+@pytest.mark.parametrize("spec", ["", "vsock:x", "tcp:", "tcp:localhost", "unix:", "hyperv:1", "pipe:x"])
+def test_bad_transports(spec):
+    with pytest.raises(UsageError, match="--vsock"):
+        parse_transport(spec)
+
+
+def test_tcp_transport_rejects_vsock_ports_beyond_65535():
+    tunnel = vtunnel.parse_config(
+        "tunnel:\n- {name: a, handshake-port: 70000, vsock-host-port: 1, peer-address: 127.0.0.1,"
+        " peer-port: 1, upstream-server-address: '127.0.0.1:1'}\n")
+    with pytest.raises(UsageError, match="vsock port 70000 does not fit the tcp:127.0.0.1 transport"):
+        vtunnel.check_transport(tunnel, TcpTransport("127.0.0.1"))
+
+
+def test_unix_transport_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path):
+    transport = UnixTransport(str(tmp_path / "v"))
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(transport.listen_address(7))
+    stale.close()  # file left behind, nobody listening
+    live = transport.listen(7)
+    try:
+        with pytest.raises(OSError, match="another process is listening"):
+            transport.listen(7)
+    finally:
+        live.close()
+        transport.close_listener(7)
+    assert not (tmp_path / "v_7").exists()

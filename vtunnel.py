@@ -1,0 +1,971 @@
+"""vtunnel: a TCP tunnel over VM sockets.
+
+Usage:
+  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [--log-level LEVEL] [--grace SECONDS]
+  vtunnel host  --config-path PATH [--vsock TRANSPORT] [--log-level LEVEL] [--grace SECONDS]
+  vtunnel local --config-path PATH [--log-level LEVEL] [--grace SECONDS]
+  vtunnel check --config-path PATH
+  vtunnel (-h | --help)
+  vtunnel --version
+
+Commands:
+  peer   inside the VM: listen on each tunnel's peer-address:peer-port and
+         carry every client to the host over vsock.
+  host   on the host: find the peer, listen on each tunnel's vsock-host-port
+         and carry every connection to the tunnel's upstream server.
+  local  both ends in one process over loopback TCP: try a config with no VM.
+  check  validate the config and print its tunnels.
+
+Options:
+  --config-path PATH   the YAML file with the 'tunnel:' list.
+  --vsock TRANSPORT    how vsock ports are reached: vsock, vsock:CID, hyperv,
+                       tcp:HOST or unix:PREFIX [default: vsock on Linux,
+                       hyperv on Windows].
+  --log-level LEVEL    debug, info, warning or error [default: info].
+  --grace SECONDS      on SIGINT/SIGTERM, how long open connections may
+                       finish before they are closed [default: 5].
+  -h --help            show this text.
+  --version            show the version.
+
+Exit codes: 0 stopped cleanly, 1 could not run (port in use, transport
+unavailable), 2 bad command line or config.
+"""
+
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.server
+import gevent.socket
+import yaml
+
+import vtunnel_npipe
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("vtunnel")
+
+SEED_PHRASE = b"github.com/rancher-sandbox/rancher-desktop-vtunnel"
+HYPERV_SERVICE_TEMPLATE = "{port:08X}-FACB-11E6-BD58-64006A7986D3"
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_LOCAL = 1  # socket.VMADDR_CID_LOCAL is missing in Python 3.11-3.13
+VMADDR_CID_HOST = 2
+
+CHUNK_SIZE = 256 * 1024
+LISTEN_BACKLOG = 1024
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_BACKOFF = (0.25, 3.0)  # first and longest wait between handshake attempts
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command line or config: the user must change something (exit 2)."""
+
+
+class StartupError(Exception):
+    """The environment refuses to run us: port taken, transport missing (exit 1)."""
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+class ConfigError(UsageError):
+    def __init__(self, errors):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class TcpUpstream:
+    host: str
+    port: int
+
+    def __str__(self):
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def connect(self, timeout):
+        return connect_tcp(self.host, self.port, timeout)
+
+
+@dataclass(frozen=True)
+class NamedPipeUpstream:
+    path: str  # Windows form: \\.\pipe\NAME
+
+    def __str__(self):
+        return "npipe://" + self.path.replace("\\", "/")
+
+    def connect(self, timeout):
+        return vtunnel_npipe.connect(self.path, timeout)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    name: str
+    handshake_port: int
+    vsock_host_port: int
+    peer_address: str
+    peer_port: int
+    upstream: object
+    line: int = 0
+
+    @property
+    def peer_endpoint(self):
+        return format_host_port(self.peer_address, self.peer_port)
+
+
+HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
+
+
+def format_host_port(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _integer(value):
+    # YAML booleans are ints to Python; a port of "true" is a typo, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_show(value)}")
+    return value
+
+
+def _tcp_port(value):
+    if not 1 <= _integer(value) <= 65535:
+        raise ValueError(f"expected a TCP port from 1 to 65535, got {value}")
+    return value
+
+
+def _vsock_port(value):
+    if not 0 <= _integer(value) <= 0xFFFFFFFF:
+        raise ValueError(f"expected a vsock port from 0 to 4294967295, got {value}")
+    return value
+
+
+def _text(value):
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    return str(value)
+
+
+def _host(value):
+    value = _text(value)
+    if not _is_ip(value) and not HOSTNAME.match(value):
+        raise ValueError(f"expected an IP address or a host name, got {value!r}")
+    return value
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_host_port(text):
+    """'IP:port', '[IPv6]:port' or 'hostname:port' -> (host, port)."""
+    bracketed = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
+    if bracketed:
+        host, port = bracketed.groups()
+        if ":" not in host or not _is_ip(host):
+            raise ValueError(f"expected an IPv6 address inside [ ], got {host!r}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}")
+        host = _host(host)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected a TCP port from 1 to 65535 after the colon, got {port!r}")
+    return host, int(port)
+
+
+def parse_upstream(value):
+    """An upstream-server-address: 'IP:port', '[IPv6]:port', 'host:port' or 'npipe:////./pipe/NAME'."""
+    text = _text(value)
+    if text.startswith("npipe://"):
+        path = text[len("npipe://"):]
+        if not re.fullmatch(r"//[^/]+/pipe/[^/].*", path):
+            raise ValueError(f"expected npipe:////./pipe/NAME, got {text!r}")
+        return NamedPipeUpstream(path.replace("/", "\\"))
+    if "://" in text:
+        raise ValueError(f"expected HOST:PORT or npipe:////./pipe/NAME, got {text!r}")
+    return TcpUpstream(*parse_host_port(text))
+
+
+KEYS = {
+    "name": ("name", _text),
+    "handshake-port": ("handshake_port", _vsock_port),
+    "vsock-host-port": ("vsock_host_port", _vsock_port),
+    "peer-address": ("peer_address", _host),
+    "peer-port": ("peer_port", _tcp_port),
+    "upstream-server-address": ("upstream", parse_upstream),
+}
+
+
+class _Mapping(dict):
+    """A YAML mapping that remembers where it and each of its keys stand."""
+    line = 0
+    key_lines = {}
+
+
+class _Sequence(list):
+    line = 0
+    item_lines = []
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that keeps line numbers and refuses duplicate keys."""
+
+    def construct_tracked_mapping(self, node):
+        mapping = _Mapping()
+        mapping.line = node.start_mark.line + 1
+        mapping.key_lines = {}
+        self.flatten_mapping(node)
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.MarkedYAMLError(problem=f"a key must be a string, not {_show(key)}",
+                                           problem_mark=key_node.start_mark)
+            if key in mapping:
+                raise yaml.MarkedYAMLError(problem=f"key '{key}' appears twice",
+                                           problem_mark=key_node.start_mark)
+            mapping[key] = self.construct_object(value_node, deep=True)
+            mapping.key_lines[key] = key_node.start_mark.line + 1
+        return mapping
+
+    def construct_tracked_sequence(self, node):
+        sequence = _Sequence(self.construct_object(child, deep=True) for child in node.value)
+        sequence.line = node.start_mark.line + 1
+        sequence.item_lines = [child.start_mark.line + 1 for child in node.value]
+        return sequence
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:map", _ConfigLoader.construct_tracked_mapping)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:seq", _ConfigLoader.construct_tracked_sequence)
+
+
+def _show(value):
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def load_config(path):
+    """Read and validate a config file; raise ConfigError naming file, line and key."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read the config: {_reason(exc)}"]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text, path="<config>"):
+    try:
+        document = yaml.load(text, Loader=_ConfigLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError([f"{path}:{mark.line + 1}: not valid YAML: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    errors = []
+    tunnels = _read_document(document, path, errors)
+    if not errors:
+        _check_unique(tunnels, path, errors)
+    if errors:
+        raise ConfigError(errors)
+    return tunnels
+
+
+def _read_document(document, path, errors):
+    if not isinstance(document, dict):
+        errors.append(f"{path}:1: expected a mapping with a 'tunnel:' list, got {_show(document)}")
+        return []
+    for key in document:
+        if key != "tunnel":
+            errors.append(f"{path}:{document.key_lines[key]}: unknown key '{key}': expected 'tunnel'")
+    entries = document.get("tunnel")
+    line = document.key_lines.get("tunnel", document.line)
+    if not isinstance(entries, list) or not entries:
+        errors.append(f"{path}:{line}: key 'tunnel': expected a non-empty list of tunnels, "
+                      f"got {_show(entries) if entries != [] else 'an empty list'}")
+        return []
+    return [tunnel for index, entry in enumerate(entries)
+            if (tunnel := _read_tunnel(entry, index, entries.item_lines[index], path, errors))]
+
+
+def _read_tunnel(entry, index, line, path, errors):
+    label = f"tunnel #{index + 1}"
+    if not isinstance(entry, dict):
+        errors.append(f"{path}:{line}: {label}: expected a mapping of {', '.join(KEYS)}, got {_show(entry)}")
+        return None
+    if isinstance(entry.get("name"), str) and entry["name"]:
+        label = f"tunnel '{entry['name']}'"
+    fields, problems = {"line": line}, []
+    for key in entry:
+        if key not in KEYS:
+            problems.append((entry.key_lines[key], f"unknown key '{key}': expected one of {', '.join(KEYS)}"))
+    for key, (field, convert) in KEYS.items():
+        if key not in entry:
+            problems.append((line, f"missing key '{key}'"))
+            continue
+        try:
+            fields[field] = convert(entry[key])
+        except ValueError as exc:
+            problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
+    errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in problems)
+    return None if problems else Tunnel(**fields)
+
+
+def _check_unique(tunnels, path, errors):
+    def clash(what, seen, key, tunnel):
+        if key in seen:
+            errors.append(f"{path}:{tunnel.line}: tunnel '{tunnel.name}': {what} "
+                          f"is already used by tunnel '{seen[key].name}' (line {seen[key].line})")
+        seen.setdefault(key, tunnel)
+
+    names, vsock_ports, peer_ports = {}, {}, {}
+    for tunnel in tunnels:
+        clash(f"name '{tunnel.name}'", names, tunnel.name, tunnel)
+        clash(f"handshake-port {tunnel.handshake_port}", vsock_ports, tunnel.handshake_port, tunnel)
+        clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
+        clash(f"peer-port {tunnel.peer_port}", peer_ports, tunnel.peer_port, tunnel)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Transports: how a vsock port becomes a socket address
+# --------------------------------------------------------------------------
+
+class Transport:
+    """Listens on and connects to vsock ports.
+
+    The real families (AF_VSOCK, AF_HYPERV) and the emulated ones (TCP,
+    Unix sockets) share every line below; a subclass only names its
+    family and turns a port into an address.
+    """
+    family = None
+    max_port = 0xFFFFFFFF
+
+    def listen_address(self, port):
+        raise NotImplementedError
+
+    def dial_address(self, port):
+        raise NotImplementedError
+
+    def describe(self, port):
+        return f"{self} port {port}"
+
+    def check_available(self):
+        if self.family is None:
+            raise StartupError(f"the {self} transport is not available on this platform")
+
+    def listen(self, port):
+        sock = gevent.socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            self.prepare_listener(sock, port)
+            sock.bind(self.listen_address(port))
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self, port, timeout=CONNECT_TIMEOUT):
+        sock = gevent.socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.dial_address(port))
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        tune_socket(sock)
+        return sock
+
+    def prepare_listener(self, sock, port):
+        pass
+
+    def close_listener(self, port):
+        pass
+
+
+class VsockTransport(Transport):
+    family = getattr(socket, "AF_VSOCK", None)
+
+    def __init__(self, cid=VMADDR_CID_HOST):
+        self.cid = cid
+
+    def __str__(self):
+        return "vsock" if self.cid == VMADDR_CID_HOST else f"vsock:{self.cid}"
+
+    def listen_address(self, port):
+        return (VMADDR_CID_ANY, port)
+
+    def dial_address(self, port):
+        return (self.cid, port)
+
+
+def hyperv_service_id(port):
+    """The Hyper-V service GUID that stands for vsock port `port`."""
+    return HYPERV_SERVICE_TEMPLATE.format(port=port)
+
+
+class HyperVTransport(Transport):
+    family = getattr(socket, "AF_HYPERV", None)
+
+    def __init__(self, vm_id=None):
+        self.vm_id = vm_id
+
+    def __str__(self):
+        return "hyperv" if self.vm_id is None else f"hyperv:{self.vm_id}"
+
+    def check_available(self):
+        if sys.platform == "win32" and sys.version_info < (3, 12):
+            raise StartupError("Hyper-V sockets need Python 3.12 or newer")
+        super().check_available()
+
+    def listen_address(self, port):
+        return (self.vm_id, hyperv_service_id(port))
+
+    dial_address = listen_address
+
+
+class TcpTransport(Transport):
+    """Emulated vsock: vsock port N is TCP port N on one host (loopback for tests)."""
+    max_port = 65535
+
+    def __init__(self, host):
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def __str__(self):
+        return f"tcp:{self.host}"
+
+    def listen_address(self, port):
+        return (self.host, port)
+
+    dial_address = listen_address
+
+    def prepare_listener(self, sock, port):
+        # A restarted end must be able to listen again while old
+        # connections linger in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+class UnixTransport(Transport):
+    """Emulated vsock: vsock port N is the Unix socket PREFIX_N (Firecracker's naming)."""
+    family = getattr(socket, "AF_UNIX", None)
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def __str__(self):
+        return f"unix:{self.prefix}"
+
+    def listen_address(self, port):
+        return f"{self.prefix}_{port}"
+
+    dial_address = listen_address
+
+    def prepare_listener(self, sock, port):
+        claim_socket_path(self.listen_address(port))
+
+    def close_listener(self, port):
+        remove_socket_file(self.listen_address(port))
+
+
+def parse_transport(spec):
+    """--vsock TRANSPORT -> a Transport."""
+    kind, _, arg = spec.partition(":")
+    if kind == "vsock":
+        if arg and not arg.isdigit():
+            raise UsageError(f"--vsock {spec}: expected vsock:CID with a numeric CID")
+        return VsockTransport(int(arg) if arg else VMADDR_CID_HOST)
+    if kind == "hyperv" and not arg:
+        return HyperVTransport()
+    if kind == "tcp" and arg:
+        host = arg[1:-1] if arg.startswith("[") and arg.endswith("]") else arg
+        if not _is_ip(host):
+            raise UsageError(f"--vsock {spec}: expected tcp:IP, such as tcp:127.0.0.1")
+        return TcpTransport(host)
+    if kind == "unix" and arg:
+        return UnixTransport(arg)
+    raise UsageError(f"--vsock {spec}: expected vsock, vsock:CID, hyperv, tcp:IP or unix:PREFIX")
+
+
+def default_transport():
+    return HyperVTransport() if sys.platform == "win32" else VsockTransport()
+
+
+def claim_socket_path(path):
+    """Remove a stale Unix socket file at `path`; refuse one that a live process listens on."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return
+    except ConnectionRefusedError:
+        remove_socket_file(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on this socket", path)
+
+
+def remove_socket_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# Sockets and errors
+# --------------------------------------------------------------------------
+
+def tune_socket(sock):
+    """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
+    """Dial TCP; IP literals skip the resolver, which costs a threadpool round trip."""
+    if _is_ip(host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = gevent.socket.create_connection((host, port), timeout=timeout)
+        sock.settimeout(None)
+    tune_socket(sock)
+    return sock
+
+
+def _reason(exc):
+    """A short, human account of why an operation failed."""
+    if isinstance(exc, (socket.timeout, gevent.Timeout)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def abort(sock):
+    """Close so that the other end sees a reset, not a clean end of stream.
+
+    A failure must travel as a failure: a FIN after a truncated transfer
+    would look like a complete one.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except (OSError, AttributeError):
+        pass
+    sock.close()
+
+
+# --------------------------------------------------------------------------
+# The pump: two endpoints, two greenlets, every byte
+# --------------------------------------------------------------------------
+
+class Pump:
+    """Carries bytes both ways between two connected endpoints.
+
+    An endpoint is anything with recv, sendall, shutdown and close: a
+    socket, or a named pipe from vtunnel_npipe. Each direction copies until
+    end of stream and then shuts down the write side of its destination, so
+    half-closes travel through. The first error in either direction resets
+    both endpoints, which also wakes the other direction.
+    """
+
+    def __init__(self, left, right):
+        self.left, self.right = left, right
+        self.sent = [0, 0]  # bytes left -> right, right -> left
+        self.failure = None  # (who, exception) of the first error
+        self.started = time.monotonic()
+
+    def run(self):
+        """Pump until both directions have ended or one has failed."""
+        back = gevent.spawn(self._copy, self.right, self.left, 1)
+        try:
+            self._copy(self.left, self.right, 0)
+            back.join()
+        finally:
+            back.kill(block=False)
+            self.left.close()
+            self.right.close()
+        return self
+
+    @property
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    def _copy(self, src, dst, direction):
+        recv, sendall, sent = src.recv, dst.sendall, self.sent
+        try:
+            while True:
+                data = recv(CHUNK_SIZE)
+                if not data:
+                    break
+                sendall(data)
+                sent[direction] += len(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if self.failure is None:
+                self.failure = (("left", "right")[direction], exc)
+                abort(self.left)
+                abort(self.right)
+
+
+# --------------------------------------------------------------------------
+# Servers and their life cycle
+# --------------------------------------------------------------------------
+
+class Service:
+    """Holds the servers of one process, and stops them on a signal or a fatal error."""
+
+    def __init__(self, grace=5.0):
+        self.grace = grace
+        self.servers = []
+        self.greenlets = gevent.pool.Group()
+        self.stopping = gevent.event.Event()
+        self.fatal = None
+        self.connection_ids = itertools.count(1)
+
+    def start_server(self, listener, handle, describe):
+        server = gevent.server.StreamServer(listener, handle, spawn=gevent.pool.Pool())
+        server.start()
+        self.servers.append(server)
+        log.info("%s", describe)
+        return server
+
+    def spawn(self, function, *args):
+        self.greenlets.spawn(self._guard, function, *args)
+
+    def _guard(self, function, *args):
+        try:
+            function(*args)
+        except StartupError as exc:
+            self.fail(str(exc))
+
+    def fail(self, message):
+        if self.fatal is None:
+            self.fatal = message
+        self.stopping.set()
+
+    def run(self):
+        """Serve until asked to stop; return the exit code."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                gevent.signal_handler(signum, self._on_signal, signum)
+            except (AttributeError, ValueError):
+                signal.signal(signum, lambda number, _frame: gevent.spawn(self._on_signal, number))
+        self.stopping.wait()
+        self.greenlets.kill()
+        self._drain()
+        if self.fatal:
+            log.error("%s", self.fatal)
+            return EXIT_FAILURE
+        log.info("stopped")
+        return EXIT_OK
+
+    def _on_signal(self, signum):
+        log.info("%s: no new connections; open ones have %gs to finish",
+                 signal.Signals(signum).name, self.grace)
+        self.stopping.set()
+
+    def _drain(self):
+        gevent.joinall([gevent.spawn(server.stop, self.grace) for server in self.servers])
+
+
+def log_pump(tunnel, conn_id, pump, left_name, right_name):
+    up, down = pump.sent
+    result = "closed"
+    if pump.failure:
+        who, exc = pump.failure
+        result = f"failed ({left_name if who == 'left' else right_name}: {_reason(exc)})"
+    log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back",
+             tunnel.name, conn_id, result, pump.elapsed, up, right_name, down)
+
+
+class Peer:
+    """The VM end: a TCP listener per tunnel, each client carried to the host over vsock."""
+
+    def __init__(self, tunnels, transport, service):
+        self.tunnels, self.transport, self.service = tunnels, transport, service
+
+    def start(self):
+        for tunnel in self.tunnels:
+            if not is_loopback(tunnel.peer_address):
+                log.warning("%s: peer-address %s is not a loopback address: anyone who can reach it "
+                            "reaches %s through the host", tunnel.name, tunnel.peer_address, tunnel.upstream)
+            listener = listen_or_fail(partial(self.transport.listen, tunnel.handshake_port), tunnel,
+                                      self.transport.describe(tunnel.handshake_port))
+            self.service.start_server(listener, self.answer_handshake,
+                                      f"{tunnel.name}: answering handshakes on "
+                                      f"{self.transport.describe(tunnel.handshake_port)}")
+            listener = listen_or_fail(partial(listen_tcp, tunnel.peer_address, tunnel.peer_port), tunnel,
+                                      tunnel.peer_endpoint)
+            self.service.start_server(listener, partial(self.carry, tunnel),
+                                      f"{tunnel.name}: listening on {tunnel.peer_endpoint}, "
+                                      f"carrying to {self.transport.describe(tunnel.vsock_host_port)}")
+
+    def answer_handshake(self, sock, address):
+        try:
+            sock.sendall(SEED_PHRASE)
+            log.debug("answered a handshake")
+        except OSError as exc:
+            log.warning("handshake: could not send the seed phrase: %s", _reason(exc))
+        finally:
+            sock.close()
+
+    def carry(self, tunnel, client, address):
+        conn_id = next(self.service.connection_ids)
+        tune_socket(client)
+        source = format_host_port(*address[:2]) if address else "a client"
+        try:
+            host = self.transport.connect(tunnel.vsock_host_port)
+        except (OSError, gevent.Timeout) as exc:
+            log.warning("%s #%d from %s: host unreachable at %s: %s; closing the client",
+                        tunnel.name, conn_id, source, self.transport.describe(tunnel.vsock_host_port),
+                        _reason(exc))
+            abort(client)
+            return
+        log.info("%s #%d opened from %s", tunnel.name, conn_id, source)
+        log_pump(tunnel, conn_id, Pump(client, host).run(), "client", "host")
+
+
+class Host:
+    """The host end: after a handshake with the peer, a vsock listener per tunnel,
+    each connection carried to the tunnel's upstream server."""
+
+    def __init__(self, tunnels, transport, service):
+        self.tunnels, self.transport, self.service = tunnels, transport, service
+
+    def start(self):
+        for tunnel in self.tunnels:
+            self.service.spawn(self.serve_tunnel, tunnel)
+
+    def serve_tunnel(self, tunnel):
+        self.wait_for_peer(tunnel)
+        listener = listen_or_fail(partial(self.transport.listen, tunnel.vsock_host_port), tunnel,
+                                  self.transport.describe(tunnel.vsock_host_port))
+        self.service.start_server(listener, partial(self.carry, tunnel),
+                                  f"{tunnel.name}: listening on "
+                                  f"{self.transport.describe(tunnel.vsock_host_port)}, "
+                                  f"carrying to {tunnel.upstream}")
+
+    def wait_for_peer(self, tunnel):
+        """Handshake until the peer answers; it may come up long after us."""
+        delay, longest = HANDSHAKE_BACKOFF
+        for attempt in itertools.count(1):
+            problem = handshake(self.transport, tunnel.handshake_port)
+            if problem is None:
+                log.info("%s: handshake with the peer at %s succeeded", tunnel.name,
+                         self.transport.describe(tunnel.handshake_port))
+                return
+            log.info("%s: handshake attempt %d with %s: %s; retrying in %.2gs", tunnel.name,
+                     attempt, self.transport.describe(tunnel.handshake_port), problem, delay)
+            gevent.sleep(delay)
+            delay = min(delay * 2, longest)
+
+    def carry(self, tunnel, conn, address):
+        conn_id = next(self.service.connection_ids)
+        try:
+            upstream = tunnel.upstream.connect(CONNECT_TIMEOUT)
+        except (OSError, gevent.Timeout, vtunnel_npipe.PipeError) as exc:
+            log.warning("%s #%d: upstream %s unreachable: %s; closing the tunnel connection",
+                        tunnel.name, conn_id, tunnel.upstream, _reason(exc))
+            abort(conn)
+            return
+        log.info("%s #%d opened to %s", tunnel.name, conn_id, tunnel.upstream)
+        log_pump(tunnel, conn_id, Pump(conn, upstream).run(), "peer", "upstream")
+
+
+def handshake(transport, port):
+    """Dial the peer's handshake port and check the seed; None on success, else the problem."""
+    try:
+        sock = transport.connect(port, HANDSHAKE_TIMEOUT)
+    except (OSError, gevent.Timeout) as exc:
+        return _reason(exc)
+    try:
+        with gevent.Timeout(HANDSHAKE_TIMEOUT):
+            seed = read_exactly(sock, len(SEED_PHRASE))
+    except (OSError, gevent.Timeout) as exc:
+        return f"reading the seed phrase: {_reason(exc)}"
+    finally:
+        sock.close()
+    if seed != SEED_PHRASE:
+        return f"the peer answered {len(seed)} bytes that are not the seed phrase"
+    return None
+
+
+def read_exactly(sock, size):
+    """Up to `size` bytes; fewer only if the stream ends first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def listen_tcp(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not _is_ip(host):
+        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_or_fail(listen, tunnel, where):
+    try:
+        return listen()
+    except OSError as exc:
+        raise StartupError(f"tunnel '{tunnel.name}': cannot listen on {where}: {_reason(exc)}") from None
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_transport(tunnels, transport):
+    transport.check_available()
+    for tunnel in tunnels:
+        for port in (tunnel.handshake_port, tunnel.vsock_host_port):
+            if port > transport.max_port:
+                raise UsageError(f"tunnel '{tunnel.name}': vsock port {port} does not fit the "
+                                 f"{transport} transport, whose ports stop at {transport.max_port}")
+
+
+def check_upstreams(tunnels):
+    for tunnel in tunnels:
+        if isinstance(tunnel.upstream, NamedPipeUpstream) and not vtunnel_npipe.AVAILABLE:
+            raise StartupError(f"tunnel '{tunnel.name}': upstream {tunnel.upstream}: "
+                               f"{vtunnel_npipe.UNAVAILABLE_REASON}")
+
+
+def format_table(tunnels):
+    rows = [("NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM")]
+    rows += [(t.name, str(t.handshake_port), str(t.vsock_host_port), t.peer_endpoint, str(t.upstream))
+             for t in tunnels]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def parse_args(argv):
+    import docopt
+    try:
+        args = docopt.docopt(__doc__, argv=argv, version=f"vtunnel {__version__}")
+    except docopt.DocoptExit as exc:
+        raise UsageError(_usage_problem(str(exc))) from None
+    level = args["--log-level"] or "info"
+    if level.lower() not in LOG_LEVELS:
+        raise UsageError(f"--log-level {level}: expected one of {', '.join(LOG_LEVELS)}")
+    try:
+        args["--grace"] = float(args["--grace"] or 5)
+    except ValueError:
+        raise UsageError(f"--grace {args['--grace']}: expected a number of seconds") from None
+    return args
+
+
+def _usage_problem(message):
+    """docopt's complaint, made readable, followed by the usage lines."""
+    first, _, usage = message.partition("\n")
+    unmatched = re.findall(r"\w+\(None, '([^']+)'", first)
+    if unmatched:
+        first = "unexpected or incomplete: " + " ".join(unmatched)
+    return f"bad command line: {first}\n{usage.strip()}"
+
+
+def run(args):
+    tunnels = load_config(args["--config-path"])
+    if args["check"]:
+        print(format_table(tunnels))
+        return EXIT_OK
+    service = Service(grace=args["--grace"])
+    if args["local"]:
+        transport = TcpTransport("127.0.0.1")
+        roles = [Peer(tunnels, transport, service), Host(tunnels, transport, service)]
+    else:
+        transport = parse_transport(args["--vsock"]) if args["--vsock"] else default_transport()
+        roles = [(Peer if args["peer"] else Host)(tunnels, transport, service)]
+    check_transport(tunnels, transport)
+    if not args["peer"]:
+        check_upstreams(tunnels)
+    log.info("vtunnel %s %s: %d tunnel(s) over %s", __version__,
+             "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport)
+    for role in roles:
+        role.start()
+    return service.run()
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        logging.basicConfig(level=args["--log-level"].upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(message)s")
+        return run(args)
+    except ConfigError as exc:
+        print("\n".join(f"vtunnel: {error}" for error in exc.errors), file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"vtunnel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:
+        print(f"vtunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def main_exit():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
