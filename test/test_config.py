@@ -5,6 +5,7 @@ import textwrap
 import pytest
 
 import vtunnel
+from helpers import ROOT
 from vtunnel import ConfigError, NamedPipeUpstream, TcpUpstream, parse_config, parse_upstream
 
 GOOD = """\
@@ -56,7 +57,7 @@ def test_the_go_vtunnel_readme_config_loads():
 
 
 def test_the_shipped_config_is_valid():
-    tunnels = vtunnel.load_config(vtunnel.__file__.replace("vtunnel.py", "config.yaml"))
+    tunnels = vtunnel.load_config(ROOT / "config.yaml")
     assert tunnels and all(vtunnel.is_loopback(t.peer_address) for t in tunnels)
 
 
