@@ -8,7 +8,10 @@ class Deployment:
 
     def __init__(self, mode, tmp_path):
         self.mode, self.tmp_path = mode, tmp_path
-        self.transport = {"tcp": "tcp:127.0.0.1", "unix": f"unix:{socket_dir()}/v", "local": None}[mode]
+        # "vsock": real AF_VSOCK, only inside the throwaway guest (test/vsockvm.sh): the peer on
+        # its default transport, the host dialing CID 1 (loopback).
+        self.transport = {"tcp": "tcp:127.0.0.1", "unix": f"unix:{socket_dir()}/v", "local": None,
+                          "vsock": None}[mode]
         self.tunnels, self.peer, self.host, self.local = [], None, None, None
 
     def add_tunnel(self, name, upstream_port=None, upstream=None):
@@ -36,7 +39,8 @@ class Deployment:
         return self
 
     def _start(self, role):
-        return Vtunnel(role, "--config-path", self.config, "--vsock", self.transport,
+        transport = self.transport or ("vsock:1" if role == "host" else None)
+        return Vtunnel(role, "--config-path", self.config, *(["--vsock", transport] if transport else []),
                        "--log-level", "debug", "--grace", "2", log_dir=self.tmp_path)
 
     def processes(self):
