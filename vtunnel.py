@@ -39,6 +39,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -91,19 +92,49 @@ class ConfigError(UsageError):
 
 
 @dataclass(frozen=True)
-class TcpUpstream:
+class TcpEndpoint:
+    """A TCP address: where the peer listens, or an upstream the host dials."""
     host: str
     port: int
 
     def __str__(self):
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_host_port(self.host, self.port)
+
+    @property
+    def is_loopback(self):
+        return is_loopback(self.host)
+
+    def listen(self):
+        return listen_tcp(self.host, self.port)
 
     def connect(self, timeout):
         return connect_tcp(self.host, self.port, timeout)
 
 
 @dataclass(frozen=True)
-class NamedPipeUpstream:
+class UnixEndpoint:
+    """A Unix socket: where the peer listens (peer-socket), or an upstream (unix:///path)."""
+    path: str
+    mode: int = 0o600
+
+    def __str__(self):
+        return "unix://" + self.path
+
+    is_loopback = True  # only processes on this machine, within the file's permissions
+
+    def listen(self):
+        return listen_unix(self.path, self.mode)
+
+    def connect(self, timeout):
+        return connect_unix(self.path, timeout)
+
+    def close_listener(self):
+        remove_socket_file(self.path)
+
+
+@dataclass(frozen=True)
+class PipeEndpoint:
+    """A Windows named pipe upstream, npipe:////./pipe/NAME."""
     path: str  # Windows form: \\.\pipe\NAME
 
     def __str__(self):
@@ -118,17 +149,16 @@ class Tunnel:
     name: str
     handshake_port: int
     vsock_host_port: int
-    peer_address: str
-    peer_port: int
-    upstream: object
+    peer: object  # TcpEndpoint or UnixEndpoint
+    upstream: object  # TcpEndpoint, UnixEndpoint or PipeEndpoint
+    max_connections: int = None  # None: no limit
+    connect_timeout: float = CONNECT_TIMEOUT
+    idle_timeout: float = None  # None: connections may idle forever
     line: int = 0
-
-    @property
-    def peer_endpoint(self):
-        return format_host_port(self.peer_address, self.peer_port)
 
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 def format_host_port(host, port):
@@ -154,6 +184,18 @@ def _vsock_port(value):
     return value
 
 
+def _positive_integer(value):
+    if _integer(value) < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value}")
+    return value
+
+
+def _seconds(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError(f"expected a number of seconds greater than 0, got {_show(value)}")
+    return float(value)
+
+
 def _text(value):
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise ValueError(f"expected a non-empty string, got {_show(value)}")
@@ -165,6 +207,22 @@ def _host(value):
     if not _is_ip(value) and not HOSTNAME.match(value):
         raise ValueError(f"expected an IP address or a host name, got {value!r}")
     return value
+
+
+def _socket_path(value):
+    path = os.path.expanduser(_text(value))
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {value!r}")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise ValueError(f"a Unix socket path holds at most {UNIX_PATH_MAX} bytes, this one {len(path.encode())}")
+    return path
+
+
+def _file_mode(value):
+    # Unquoted, YAML reads 0600 as octal but 600 as decimal: only a string says clearly what is meant.
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f'expected an octal string such as "0600", got {_show(value)}')
+    return int(value, 8)
 
 
 def _is_ip(text):
@@ -194,26 +252,40 @@ def parse_host_port(text):
     return host, int(port)
 
 
+UPSTREAM_FORMS = "HOST:PORT, [IPv6]:PORT, unix:///PATH or npipe:////./pipe/NAME"
+
+
 def parse_upstream(value):
-    """An upstream-server-address: 'IP:port', '[IPv6]:port', 'host:port' or 'npipe:////./pipe/NAME'."""
+    """An upstream-server-address -> TcpEndpoint, UnixEndpoint or PipeEndpoint."""
     text = _text(value)
     if text.startswith("npipe://"):
         path = text[len("npipe://"):]
         if not re.fullmatch(r"//[^/]+/pipe/[^/].*", path):
             raise ValueError(f"expected npipe:////./pipe/NAME, got {text!r}")
-        return NamedPipeUpstream(path.replace("/", "\\"))
+        return PipeEndpoint(path.replace("/", "\\"))
+    if text.startswith("unix://"):
+        try:
+            return UnixEndpoint(_socket_path(text[len("unix://"):]))
+        except ValueError as exc:
+            raise ValueError(f"expected unix:///PATH: {exc}") from None
     if "://" in text:
-        raise ValueError(f"expected HOST:PORT or npipe:////./pipe/NAME, got {text!r}")
-    return TcpUpstream(*parse_host_port(text))
+        raise ValueError(f"expected {UPSTREAM_FORMS}, got {text!r}")
+    return TcpEndpoint(*parse_host_port(text))
 
 
-KEYS = {
-    "name": ("name", _text),
-    "handshake-port": ("handshake_port", _vsock_port),
-    "vsock-host-port": ("vsock_host_port", _vsock_port),
-    "peer-address": ("peer_address", _host),
-    "peer-port": ("peer_port", _tcp_port),
-    "upstream-server-address": ("upstream", parse_upstream),
+REQUIRED = object()
+KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
+    "name": ("name", _text, REQUIRED),
+    "handshake-port": ("handshake_port", _vsock_port, REQUIRED),
+    "vsock-host-port": ("vsock_host_port", _vsock_port, REQUIRED),
+    "peer-address": ("peer_address", _host, None),
+    "peer-port": ("peer_port", _tcp_port, None),
+    "peer-socket": ("peer_socket", _socket_path, None),
+    "peer-socket-mode": ("peer_socket_mode", _file_mode, None),
+    "upstream-server-address": ("upstream", parse_upstream, REQUIRED),
+    "max-connections": ("max_connections", _positive_integer, None),
+    "connect-timeout": ("connect_timeout", _seconds, CONNECT_TIMEOUT),
+    "idle-timeout": ("idle_timeout", _seconds, None),
 }
 
 
@@ -314,24 +386,50 @@ def _read_document(document, path, errors):
 def _read_tunnel(entry, index, line, path, errors):
     label = f"tunnel #{index + 1}"
     if not isinstance(entry, dict):
-        errors.append(f"{path}:{line}: {label}: expected a mapping of {', '.join(KEYS)}, got {_show(entry)}")
+        errors.append(f"{path}:{line}: {label}: expected a mapping of tunnel keys, got {_show(entry)}")
         return None
     if isinstance(entry.get("name"), str) and entry["name"]:
         label = f"tunnel '{entry['name']}'"
-    fields, problems = {"line": line}, []
+    fields, problems = {}, []
     for key in entry:
         if key not in KEYS:
             problems.append((entry.key_lines[key], f"unknown key '{key}': expected one of {', '.join(KEYS)}"))
-    for key, (field, convert) in KEYS.items():
+    for key, (field, convert, default) in KEYS.items():
         if key not in entry:
-            problems.append((line, f"missing key '{key}'"))
+            if default is REQUIRED:
+                problems.append((line, f"missing key '{key}'"))
+            fields[field] = default
             continue
         try:
             fields[field] = convert(entry[key])
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
+    peer = _read_peer(entry, fields, line, problems)
     errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in problems)
-    return None if problems else Tunnel(**fields)
+    if problems:
+        return None
+    del fields["peer_address"], fields["peer_port"], fields["peer_socket"], fields["peer_socket_mode"]
+    return Tunnel(peer=peer, line=line, **fields)
+
+
+def _read_peer(entry, fields, line, problems):
+    """The peer listens on peer-address + peer-port, or on peer-socket: one form, never both."""
+    tcp = [key for key in ("peer-address", "peer-port") if key in entry]
+    unix = [key for key in ("peer-socket", "peer-socket-mode") if key in entry]
+    if tcp and unix:
+        problems.append((line, f"give either peer-address and peer-port, or peer-socket, not both "
+                               f"(found {', '.join(tcp + unix)})"))
+    elif unix:
+        if "peer-socket" not in entry:
+            problems.append((line, "peer-socket-mode goes with peer-socket, which is missing"))
+        elif fields.get("peer_socket"):
+            return UnixEndpoint(fields["peer_socket"], fields.get("peer_socket_mode") or 0o600)
+    elif len(tcp) < 2:
+        missing = " and ".join(f"'{key}'" for key in ("peer-address", "peer-port") if key not in entry)
+        problems.append((line, f"missing key {missing} (or give 'peer-socket' instead)"))
+    elif fields.get("peer_address") and fields.get("peer_port"):
+        return TcpEndpoint(fields["peer_address"], fields["peer_port"])
+    return None
 
 
 def _check_unique(tunnels, path, errors):
@@ -341,12 +439,15 @@ def _check_unique(tunnels, path, errors):
                           f"is already used by tunnel '{seen[key].name}' (line {seen[key].line})")
         seen.setdefault(key, tunnel)
 
-    names, vsock_ports, peer_ports = {}, {}, {}
+    names, vsock_ports, peers = {}, {}, {}
     for tunnel in tunnels:
         clash(f"name '{tunnel.name}'", names, tunnel.name, tunnel)
         clash(f"handshake-port {tunnel.handshake_port}", vsock_ports, tunnel.handshake_port, tunnel)
         clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
-        clash(f"peer-port {tunnel.peer_port}", peer_ports, tunnel.peer_port, tunnel)
+        if isinstance(tunnel.peer, TcpEndpoint):
+            clash(f"peer-port {tunnel.peer.port}", peers, tunnel.peer.port, tunnel)
+        else:
+            clash(f"peer-socket {tunnel.peer.path}", peers, tunnel.peer.path, tunnel)
 
 
 def is_loopback(host):
@@ -397,16 +498,7 @@ class Transport:
         return sock
 
     def connect(self, port, timeout=CONNECT_TIMEOUT):
-        sock = gevent.socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self.dial_address(port))
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        tune_socket(sock)
-        return sock
+        return dial(self.family, self.dial_address(port), timeout)
 
     def prepare_listener(self, sock, port):
         pass
@@ -525,6 +617,11 @@ def default_transport():
 
 def claim_socket_path(path):
     """Remove a stale Unix socket file at `path`; refuse one that a live process listens on."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "a file that is not a socket is in the way", path)
+    except FileNotFoundError:
+        return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -556,23 +653,32 @@ def tune_socket(sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def dial(family, address, timeout):
+    """A connected gevent socket; blocking afterwards (timeouts belong to the connect only)."""
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    tune_socket(sock)
+    return sock
+
+
 def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
     """Dial TCP; IP literals skip the resolver, which costs a threadpool round trip."""
     if _is_ip(host):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = gevent.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect((host, port))
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = gevent.socket.create_connection((host, port), timeout=timeout)
-        sock.settimeout(None)
+        return dial(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout)
+    sock = gevent.socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(None)
     tune_socket(sock)
     return sock
+
+
+def connect_unix(path, timeout=CONNECT_TIMEOUT):
+    return dial(socket.AF_UNIX, path, timeout)
 
 
 def _reason(exc):
@@ -664,11 +770,15 @@ class Service:
         self.stopping = gevent.event.Event()
         self.fatal = None
         self.connection_ids = itertools.count(1)
+        self.cleanups = []
 
-    def start_server(self, listener, handle, describe):
-        server = gevent.server.StreamServer(listener, handle, spawn=gevent.pool.Pool())
+    def start_server(self, listener, handle, describe, max_connections=None, cleanup=None):
+        # A full pool stops the accept loop: further clients wait in the listen backlog.
+        server = gevent.server.StreamServer(listener, handle, spawn=gevent.pool.Pool(max_connections))
         server.start()
         self.servers.append(server)
+        if cleanup:
+            self.cleanups.append(cleanup)
         log.info("%s", describe)
         return server
 
@@ -709,6 +819,8 @@ class Service:
 
     def _drain(self):
         gevent.joinall([gevent.spawn(server.stop, self.grace) for server in self.servers])
+        for cleanup in self.cleanups:
+            cleanup()
 
 
 def log_pump(tunnel, conn_id, pump, left_name, right_name):
@@ -729,19 +841,19 @@ class Peer:
 
     def start(self):
         for tunnel in self.tunnels:
-            if not is_loopback(tunnel.peer_address):
-                log.warning("%s: peer-address %s is not a loopback address: anyone who can reach it "
-                            "reaches %s through the host", tunnel.name, tunnel.peer_address, tunnel.upstream)
-            listener = listen_or_fail(partial(self.transport.listen, tunnel.handshake_port), tunnel,
-                                      self.transport.describe(tunnel.handshake_port))
-            self.service.start_server(listener, self.answer_handshake,
-                                      f"{tunnel.name}: answering handshakes on "
-                                      f"{self.transport.describe(tunnel.handshake_port)}")
-            listener = listen_or_fail(partial(listen_tcp, tunnel.peer_address, tunnel.peer_port), tunnel,
-                                      tunnel.peer_endpoint)
-            self.service.start_server(listener, partial(self.carry, tunnel),
-                                      f"{tunnel.name}: listening on {tunnel.peer_endpoint}, "
-                                      f"carrying to {self.transport.describe(tunnel.vsock_host_port)}")
+            if not tunnel.peer.is_loopback:
+                log.warning("%s: %s is not a loopback address: anyone who can reach it reaches %s "
+                            "through the host", tunnel.name, tunnel.peer, tunnel.upstream)
+            where = self.transport.describe(tunnel.handshake_port)
+            self.service.start_server(
+                listen_or_fail(partial(self.transport.listen, tunnel.handshake_port), tunnel, where),
+                self.answer_handshake, f"{tunnel.name}: answering handshakes on {where}",
+                cleanup=partial(self.transport.close_listener, tunnel.handshake_port))
+            self.service.start_server(
+                listen_or_fail(tunnel.peer.listen, tunnel, str(tunnel.peer)), partial(self.carry, tunnel),
+                f"{tunnel.name}: listening on {tunnel.peer}, carrying to "
+                f"{self.transport.describe(tunnel.vsock_host_port)}",
+                tunnel.max_connections, getattr(tunnel.peer, "close_listener", None))
 
     def answer_handshake(self, sock, address):
         try:
@@ -755,9 +867,9 @@ class Peer:
     def carry(self, tunnel, client, address):
         conn_id = next(self.service.connection_ids)
         tune_socket(client)
-        source = format_host_port(*address[:2]) if address else "a client"
+        source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
         try:
-            host = self.transport.connect(tunnel.vsock_host_port)
+            host = self.transport.connect(tunnel.vsock_host_port, tunnel.connect_timeout)
         except (OSError, gevent.Timeout) as exc:
             log.warning("%s #%d from %s: host unreachable at %s: %s; closing the client",
                         tunnel.name, conn_id, source, self.transport.describe(tunnel.vsock_host_port),
@@ -781,12 +893,11 @@ class Host:
 
     def serve_tunnel(self, tunnel):
         self.wait_for_peer(tunnel)
-        listener = listen_or_fail(partial(self.transport.listen, tunnel.vsock_host_port), tunnel,
-                                  self.transport.describe(tunnel.vsock_host_port))
-        self.service.start_server(listener, partial(self.carry, tunnel),
-                                  f"{tunnel.name}: listening on "
-                                  f"{self.transport.describe(tunnel.vsock_host_port)}, "
-                                  f"carrying to {tunnel.upstream}")
+        where = self.transport.describe(tunnel.vsock_host_port)
+        self.service.start_server(
+            listen_or_fail(partial(self.transport.listen, tunnel.vsock_host_port), tunnel, where),
+            partial(self.carry, tunnel), f"{tunnel.name}: listening on {where}, carrying to {tunnel.upstream}",
+            tunnel.max_connections, partial(self.transport.close_listener, tunnel.vsock_host_port))
 
     def wait_for_peer(self, tunnel):
         """Handshake until the peer answers; it may come up long after us."""
@@ -805,7 +916,7 @@ class Host:
     def carry(self, tunnel, conn, address):
         conn_id = next(self.service.connection_ids)
         try:
-            upstream = tunnel.upstream.connect(CONNECT_TIMEOUT)
+            upstream = tunnel.upstream.connect(tunnel.connect_timeout)
         except (OSError, gevent.Timeout, vtunnel_npipe.PipeError) as exc:
             log.warning("%s #%d: upstream %s unreachable: %s; closing the tunnel connection",
                         tunnel.name, conn_id, tunnel.upstream, _reason(exc))
@@ -859,6 +970,27 @@ def listen_tcp(host, port):
     return sock
 
 
+def listen_unix(path, mode=0o600):
+    """Listen on a Unix socket file born with `mode`; a stale file is replaced, a live socket refused."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise OSError(errno.ENOENT, f"the directory {directory} does not exist")
+    claim_socket_path(path)
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # umask, not a chmod after bind: no moment when others may connect.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    return sock
+
+
 def listen_or_fail(listen, tunnel, where):
     try:
         return listen()
@@ -884,14 +1016,14 @@ def check_transport(tunnels, transport):
 
 def check_upstreams(tunnels):
     for tunnel in tunnels:
-        if isinstance(tunnel.upstream, NamedPipeUpstream) and not vtunnel_npipe.AVAILABLE:
+        if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
             raise StartupError(f"tunnel '{tunnel.name}': upstream {tunnel.upstream}: "
                                f"{vtunnel_npipe.UNAVAILABLE_REASON}")
 
 
 def format_table(tunnels):
     rows = [("NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM")]
-    rows += [(t.name, str(t.handshake_port), str(t.vsock_host_port), t.peer_endpoint, str(t.upstream))
+    rows += [(t.name, str(t.handshake_port), str(t.vsock_host_port), str(t.peer), str(t.upstream))
              for t in tunnels]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

@@ -46,6 +46,7 @@ def sha256(data):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # socketserver's 5 overflows under 50 concurrent connects: resets
 
     def __init__(self, handler, address=("127.0.0.1", 0)):
         super().__init__(address, handler)
@@ -107,6 +108,7 @@ def half_close_server():
 
 class HttpServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024
 
     def __init__(self, body):
         body_bytes = body

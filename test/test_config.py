@@ -6,7 +6,7 @@ import pytest
 
 import vtunnel
 from helpers import ROOT
-from vtunnel import ConfigError, NamedPipeUpstream, TcpUpstream, parse_config, parse_upstream
+from vtunnel import ConfigError, PipeEndpoint, TcpEndpoint, parse_config, parse_upstream
 
 GOOD = """\
 tunnel:
@@ -49,19 +49,23 @@ def with_key(key, value):
 
 def test_the_go_vtunnel_readme_config_loads():
     tcp, pipe = parse_config(GOOD, "c.yaml")
-    assert (tcp.name, tcp.handshake_port, tcp.vsock_host_port, tcp.peer_address, tcp.peer_port) == \
-        ("tcpTunnel", 9090, 8989, "127.0.0.1", 3030)
-    assert tcp.upstream == TcpUpstream("127.0.0.1", 4444)
-    assert pipe.upstream == NamedPipeUpstream(r"\\.\pipe\my-upstream-server")
+    assert (tcp.name, tcp.handshake_port, tcp.vsock_host_port, tcp.peer) == \
+        ("tcpTunnel", 9090, 8989, TcpEndpoint("127.0.0.1", 3030))
+    assert (tcp.max_connections, tcp.connect_timeout, tcp.idle_timeout) == (None, 10.0, None)
+    assert tcp.upstream == TcpEndpoint("127.0.0.1", 4444)
+    assert pipe.upstream == PipeEndpoint(r"\\.\pipe\my-upstream-server")
     assert str(pipe.upstream) == "npipe:////./pipe/my-upstream-server"
 
 
 def test_the_shipped_config_is_valid():
     tunnels = vtunnel.load_config(ROOT / "config.yaml")
-    assert tunnels and all(vtunnel.is_loopback(t.peer_address) for t in tunnels)
+    assert tunnels and all(t.peer.is_loopback for t in tunnels)
 
 
-@pytest.mark.parametrize("key", list(vtunnel.KEYS))
+REQUIRED_KEYS = [k for k, (_, _, default) in vtunnel.KEYS.items() if default is vtunnel.REQUIRED]
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS + ["peer-address", "peer-port"])
 def test_missing_key(key):
     error = one_error(with_key(key, None))
     assert error.startswith("c.yaml:3: tunnel") and f"missing key '{key}'" in error
@@ -89,7 +93,7 @@ def test_unknown_key_names_its_line():
     ("upstream-server-address", "::1:80", "an IPv6 address needs brackets: [::1]:80"),
     ("upstream-server-address", "'[example.com]:80'", "expected an IPv6 address inside [ ]"),
     ("upstream-server-address", "npipe://pipe", "expected npipe:////./pipe/NAME"),
-    ("upstream-server-address", "http://x:1", "expected HOST:PORT or npipe:////./pipe/NAME"),
+    ("upstream-server-address", "http://x:1", "expected HOST:PORT, [IPv6]:PORT, unix:///PATH or npipe:////./pipe/NAME"),
     ("upstream-server-address", "{a: 1}", "expected a non-empty string, got a mapping"),
     ("name", "~", "expected a non-empty string, got nothing"),
 ])
@@ -106,7 +110,7 @@ def test_bad_values_name_key_line_and_expectation(key, value, expected):
 ])
 def test_upstream_addresses(address, host, port):
     upstream = parse_upstream(address)
-    assert upstream == TcpUpstream(host, port)
+    assert upstream == TcpEndpoint(host, port)
     assert str(upstream) == address
 
 
@@ -129,7 +133,7 @@ def test_handshake_and_host_port_of_one_tunnel_must_differ():
     ("tunnel:\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got nothing"),
     ("tunnel: []\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got an empty list"),
     ("tunnel: {name: x}\n", "c.yaml:1: key 'tunnel': expected a non-empty list of tunnels, got a mapping"),
-    ("tunnel:\n  - 42\n", "c.yaml:2: tunnel #1: expected a mapping of name"),
+    ("tunnel:\n  - 42\n", "c.yaml:2: tunnel #1: expected a mapping of tunnel keys, got int 42"),
     ("tunnel: [\n", "c.yaml:2: not valid YAML"),
     ("tunnel: []\ntunnel: []\n", "c.yaml:2: not valid YAML: key 'tunnel' appears twice"),
     ("tunnels: []\n", "c.yaml:1: unknown key 'tunnels': expected 'tunnel'"),

@@ -64,3 +64,4 @@ def deployment(tmp_path):
     yield make
     for d in made:
         d.stop()
+        print(d.logs())  # shown by pytest only when the test failed
