@@ -1,5 +1,6 @@
 """Config validation: every error names the file, the line, the tunnel and the key."""
 
+import re
 import textwrap
 
 import pytest
@@ -150,3 +151,46 @@ def test_every_error_is_reported_at_once():
 def test_only_loopback_peer_addresses_count_as_loopback():
     assert vtunnel.is_loopback("127.0.0.1") and vtunnel.is_loopback("::1") and vtunnel.is_loopback("localhost")
     assert not vtunnel.is_loopback("0.0.0.0") and not vtunnel.is_loopback("192.0.2.1")
+
+
+def unix_tunnel(**keys):
+    base = {"name": "agent", "handshake-port": 1, "vsock-host-port": 2,
+            "upstream-server-address": "npipe:////./pipe/openssh-ssh-agent"}
+    base.update(keys)
+    return "tunnel:\n  -\n" + "".join(f"    {k}: {v}\n" for k, v in base.items())
+
+
+def test_peer_socket_with_default_and_explicit_mode():
+    (tunnel,) = parse_config(unix_tunnel(**{"peer-socket": "/tmp/a.sock"}))
+    assert tunnel.peer == vtunnel.UnixEndpoint("/tmp/a.sock", 0o600)
+    (tunnel,) = parse_config(unix_tunnel(**{"peer-socket": "/tmp/a.sock", "peer-socket-mode": '"0660"'}))
+    assert tunnel.peer.mode == 0o660
+
+
+@pytest.mark.parametrize("keys,expected", [
+    ({"peer-socket": "/tmp/a.sock", "peer-port": 1}, "give either peer-address and peer-port, or peer-socket, "
+                                                     "not both (found peer-port, peer-socket)"),
+    ({}, "missing key 'peer-address' and 'peer-port' (or give 'peer-socket' instead)"),
+    ({"peer-socket-mode": '"0600"'}, "peer-socket-mode goes with peer-socket, which is missing"),
+    ({"peer-socket": "relative.sock"}, "key 'peer-socket': expected an absolute path, got 'relative.sock'"),
+    ({"peer-socket": "/" + "x" * 120}, "key 'peer-socket': a Unix socket path holds at most 107 bytes"),
+    ({"peer-socket": "/tmp/a", "peer-socket-mode": "0600"}, 'expected an octal string such as "0600", got int 384'),
+    ({"peer-socket": "/tmp/a", "peer-socket-mode": '"rw"'}, 'expected an octal string such as "0600", got str'),
+    ({"peer-socket": "/tmp/a", "upstream-server-address": "unix://relative"}, "expected unix:///PATH"),
+])
+def test_peer_socket_errors_name_the_tunnel(keys, expected):
+    error = one_error(unix_tunnel(**keys))
+    assert re.match(r"c.yaml:\d+: tunnel 'agent': ", error) and expected in error, error
+
+
+def test_unix_upstream():
+    (tunnel,) = parse_config(unix_tunnel(**{"peer-socket": "/tmp/a",
+                                            "upstream-server-address": "unix:///var/run/docker.sock"}))
+    assert tunnel.upstream == vtunnel.UnixEndpoint("/var/run/docker.sock")
+    assert str(tunnel.upstream) == "unix:///var/run/docker.sock"
+
+
+def test_two_tunnels_on_one_peer_socket():
+    text = GOOD.replace("    peer-address: 127.0.0.1\n    peer-port: 3030\n", "    peer-socket: /tmp/x.sock\n") \
+               .replace("    peer-address: 127.0.0.1\n    peer-port: 4040\n", "    peer-socket: /tmp/x.sock\n")
+    assert "peer-socket /tmp/x.sock is already used by tunnel 'tcpTunnel'" in one_error(text)

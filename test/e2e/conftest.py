@@ -14,9 +14,13 @@ class Deployment:
                           "vsock": None}[mode]
         self.tunnels, self.peer, self.host, self.local = [], None, None, None
 
-    def add_tunnel(self, name, upstream_port=None, upstream=None):
+    def add_tunnel(self, name, upstream_port=None, upstream=None, peer_socket=None, **keys):
         kind = "tcp" if self.mode in ("tcp", "local") else "unix"
         entry = tunnel_entry(name, upstream_port, kind, upstream=upstream)
+        if peer_socket:
+            del entry["peer-address"], entry["peer-port"]
+            entry["peer-socket"] = str(peer_socket)
+        entry.update(keys)
         self.tunnels.append(entry)
         self.config = write_config(self.tmp_path, self.tunnels)
         return entry
