@@ -6,13 +6,25 @@ itself a VM guest without vsock loopback, a vsock connect would reach the hyperv
 """
 
 import os
+import socket
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import HttpServer, echo_server, echo_works, exchange, half_close_server, reply_for, sha256, wait_until
+from helpers import (
+    HttpServer,
+    echo_server,
+    echo_works,
+    exchange,
+    exchange_on,
+    half_close_server,
+    reply_for,
+    sha256,
+    socket_dir,
+    wait_until,
+)
 
 
 def in_vsock_guest():
@@ -41,6 +53,8 @@ def tunnel(upstreams, tmp_path_factory):
     from conftest import Deployment
     d = Deployment("vsock", tmp_path_factory.mktemp("vsock"))
     entries = {name: d.add_tunnel(name, server.port) for name, server in upstreams.items()}
+    d.peer_socket = f"{socket_dir()}/peer.sock"
+    entries["sock"] = d.add_tunnel("sock", upstreams["echo"].port, peer_socket=d.peer_socket)
     d.start()
     d.entries = entries
     yield d
@@ -86,6 +100,15 @@ def test_half_close_travels_through_vsock(tunnel):
     request = os.urandom(100_000)
     reply = exchange(port(tunnel, "half"), request)
     assert reply == reply_for(len(request), sha256(request))
+
+
+def test_peer_socket_over_vsock(tunnel, upstreams):
+    payload = os.urandom(500_000)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(60)
+        client.connect(tunnel.peer_socket)
+        assert sha256(exchange_on(client, payload)) == sha256(payload)
+    assert (len(payload), sha256(payload)) in upstreams["echo"].received
 
 
 def test_host_restarted_while_the_peer_runs(tunnel):
