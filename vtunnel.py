@@ -1,9 +1,9 @@
 """vtunnel: a TCP tunnel over VM sockets.
 
 Usage:
-  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [--log-level LEVEL] [--grace SECONDS]
-  vtunnel host  --config-path PATH [--vsock TRANSPORT] [--log-level LEVEL] [--grace SECONDS]
-  vtunnel local --config-path PATH [--log-level LEVEL] [--grace SECONDS]
+  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [options]
+  vtunnel host  --config-path PATH [--vsock TRANSPORT] [options]
+  vtunnel local --config-path PATH [options]
   vtunnel check --config-path PATH
   vtunnel (-h | --help)
   vtunnel --version
@@ -24,6 +24,9 @@ Options:
   --log-level LEVEL    debug, info, warning or error [default: info].
   --grace SECONDS      on SIGINT/SIGTERM, how long open connections may
                        finish before they are closed [default: 5].
+  --stats-interval SECONDS
+                       log each tunnel's counters this often; 0 is never
+                       (they are logged on SIGUSR1 and at exit) [default: 0].
   -h --help            show this text.
   --version            show the version.
 
@@ -31,6 +34,7 @@ Exit codes: 0 stopped cleanly, 1 could not run (port in use, transport
 unavailable), 2 bad command line or config.
 """
 
+import collections
 import errno
 import ipaddress
 import itertools
@@ -646,11 +650,17 @@ def remove_socket_file(path):
 # Sockets and errors
 # --------------------------------------------------------------------------
 
+KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  # a dead peer is found in 2 minutes
+
+
 def tune_socket(sock):
     """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in KEEPALIVE.items():
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def dial(family, address, timeout):
@@ -707,21 +717,31 @@ def abort(sock):
 # The pump: two endpoints, two greenlets, every byte
 # --------------------------------------------------------------------------
 
+class IdleTimeout(OSError):
+    """No byte moved in either direction for the tunnel's idle-timeout."""
+
+
 class Pump:
     """Carries bytes both ways between two connected endpoints.
 
-    An endpoint is anything with recv, sendall, shutdown and close: a
-    socket, or a named pipe from vtunnel_npipe. Each direction copies until
-    end of stream and then shuts down the write side of its destination, so
-    half-closes travel through. The first error in either direction resets
-    both endpoints, which also wakes the other direction.
+    An endpoint is anything with recv, sendall, shutdown, settimeout and
+    close: a socket, or a named pipe from vtunnel_npipe. Each direction
+    copies until end of stream and then shuts down the write side of its
+    destination, so half-closes travel through. The first error in either
+    direction resets both endpoints, which also wakes the other direction.
+    No buffer outlives the chunk in flight: a reader that stops reading
+    stalls the writer on the other side (backpressure), it never grows one.
     """
 
-    def __init__(self, left, right):
+    def __init__(self, left, right, idle_timeout=None):
         self.left, self.right = left, right
         self.sent = [0, 0]  # bytes left -> right, right -> left
-        self.failure = None  # (who, exception) of the first error
-        self.started = time.monotonic()
+        self.failure = None  # (endpoint that failed, exception) of the first error
+        self.started = self.last_activity = time.monotonic()
+        self.idle_timeout = idle_timeout
+        if idle_timeout:
+            left.settimeout(idle_timeout)
+            right.settimeout(idle_timeout)
 
     def run(self):
         """Pump until both directions have ended or one has failed."""
@@ -741,46 +761,119 @@ class Pump:
 
     def _copy(self, src, dst, direction):
         recv, sendall, sent = src.recv, dst.sendall, self.sent
+        culprit = src
         try:
             while True:
-                data = recv(CHUNK_SIZE)
+                culprit = src
+                data = recv(CHUNK_SIZE) if not self.idle_timeout else self._recv_unless_idle(src)
                 if not data:
                     break
+                culprit = dst
                 sendall(data)
                 sent[direction] += len(data)
+                self.last_activity = time.monotonic()
             dst.shutdown(socket.SHUT_WR)
+        except socket.timeout:
+            self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
         except OSError as exc:
-            if self.failure is None:
-                self.failure = (("left", "right")[direction], exc)
-                abort(self.left)
-                abort(self.right)
+            self._fail(culprit, exc)
+
+    def _recv_unless_idle(self, src):
+        # A quiet direction is not idle while the other one moves bytes.
+        while True:
+            try:
+                return src.recv(CHUNK_SIZE)
+            except socket.timeout:
+                if time.monotonic() - self.last_activity >= self.idle_timeout:
+                    raise
+
+    def _fail(self, culprit, exc):
+        if self.failure is None:
+            self.failure = ("left" if culprit is self.left else "right", exc)
+            abort(self.left)
+            abort(self.right)
 
 
 # --------------------------------------------------------------------------
 # Servers and their life cycle
 # --------------------------------------------------------------------------
 
+ACCEPT_PAUSE = 0.5  # seconds an accept loop rests when the process is out of file descriptors
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Server(gevent.server.StreamServer):
+    """A StreamServer whose accept loop waits out descriptor exhaustion.
+
+    Clients that arrive meanwhile wait in the listen backlog, and are served
+    as soon as descriptors free up.
+    """
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRORS:
+                raise
+            log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc), ACCEPT_PAUSE)
+            self.stop_accepting()
+            gevent.spawn_later(ACCEPT_PAUSE, self._resume_accepting)
+            return None
+
+    def _resume_accepting(self):
+        if self.started:
+            self.start_accepting()
+
+
+class Stats:
+    """Counters for one tunnel at one end: logged on an interval, on SIGUSR1 and at shutdown."""
+
+    def __init__(self, label, far_name):
+        self.label, self.far_name = label, far_name
+        self.open = self.total = 0
+        self.sent = [0, 0]  # bytes towards the far end, bytes back
+        self.failures = collections.Counter()
+
+    def closed(self, pump, near_name):
+        self.open -= 1
+        self.sent[0] += pump.sent[0]
+        self.sent[1] += pump.sent[1]
+        if pump.failure:
+            who, exc = pump.failure
+            self.failures[f"{near_name if who == 'left' else self.far_name} {_reason(exc)}"] += 1
+
+    def line(self):
+        failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
+        return (f"stats {self.label}: {self.open} open, {self.total} total, {self.sent[0]} bytes to "
+                f"{self.far_name}, {self.sent[1]} bytes back, failures: {failures}")
+
+
 class Service:
     """Holds the servers of one process, and stops them on a signal or a fatal error."""
 
-    def __init__(self, grace=5.0):
-        self.grace = grace
+    def __init__(self, grace=5.0, stats_interval=None):
+        self.grace, self.stats_interval = grace, stats_interval
         self.servers = []
         self.greenlets = gevent.pool.Group()
         self.stopping = gevent.event.Event()
         self.fatal = None
         self.connection_ids = itertools.count(1)
         self.cleanups = []
+        self.stats = []
 
-    def start_server(self, listener, handle, describe, max_connections=None, cleanup=None):
+    def start_server(self, listener, handle, name, max_connections=None, cleanup=None):
         # A full pool stops the accept loop: further clients wait in the listen backlog.
-        server = gevent.server.StreamServer(listener, handle, spawn=gevent.pool.Pool(max_connections))
+        server = Server(listener, handle, spawn=gevent.pool.Pool(max_connections))
+        server.name = name
         server.start()
         self.servers.append(server)
         if cleanup:
             self.cleanups.append(cleanup)
-        log.info("%s", describe)
         return server
+
+    def new_stats(self, label, far_name):
+        self.stats.append(Stats(label, far_name))
+        return self.stats[-1]
 
     def spawn(self, function, *args):
         self.greenlets.spawn(self._guard, function, *args)
@@ -798,24 +891,42 @@ class Service:
 
     def run(self):
         """Serve until asked to stop; return the exit code."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                gevent.signal_handler(signum, self._on_signal, signum)
-            except (AttributeError, ValueError):
-                signal.signal(signum, lambda number, _frame: gevent.spawn(self._on_signal, number))
+        self._handle_signals()
+        if self.stats_interval:
+            self.spawn(self._log_stats_every, self.stats_interval)
         self.stopping.wait()
         self.greenlets.kill()
         self._drain()
+        self.log_stats()
         if self.fatal:
             log.error("%s", self.fatal)
             return EXIT_FAILURE
         log.info("stopped")
         return EXIT_OK
 
-    def _on_signal(self, signum):
+    def _handle_signals(self):
+        handlers = {signal.SIGINT: self._on_stop_signal, signal.SIGTERM: self._on_stop_signal}
+        if hasattr(signal, "SIGUSR1"):
+            handlers[signal.SIGUSR1] = lambda signum: self.log_stats()
+        for signum, handler in handlers.items():
+            try:
+                gevent.signal_handler(signum, handler, signum)
+            except (AttributeError, ValueError):  # gevent on Windows has no signal watchers
+                signal.signal(signum, lambda number, _frame, h=handler: gevent.spawn(h, number))
+
+    def _on_stop_signal(self, signum):
         log.info("%s: no new connections; open ones have %gs to finish",
                  signal.Signals(signum).name, self.grace)
         self.stopping.set()
+
+    def log_stats(self):
+        for stats in self.stats:
+            log.info("%s", stats.line())
+
+    def _log_stats_every(self, interval):
+        while True:
+            gevent.sleep(interval)
+            self.log_stats()
 
     def _drain(self):
         gevent.joinall([gevent.spawn(server.stop, self.grace) for server in self.servers])
@@ -823,18 +934,31 @@ class Service:
             cleanup()
 
 
-def log_pump(tunnel, conn_id, pump, left_name, right_name):
-    up, down = pump.sent
+def relay(tunnel, stats, conn_id, near, dial, near_name, where):
+    """Dial the far end for `near`, then pump the two; count and log what happened."""
+    stats.total += 1
+    try:
+        far = dial(tunnel.connect_timeout)
+    except (OSError, gevent.Timeout) as exc:
+        stats.failures[f"{stats.far_name} unreachable"] += 1
+        log.warning("%s #%d %s: %s unreachable: %s; closing the %s", tunnel.name, conn_id, where,
+                    stats.far_name, _reason(exc), near_name)
+        abort(near)
+        return
+    stats.open += 1
+    log.info("%s #%d opened %s", tunnel.name, conn_id, where)
+    pump = Pump(near, far, tunnel.idle_timeout).run()
+    stats.closed(pump, near_name)
     result = "closed"
     if pump.failure:
         who, exc = pump.failure
-        result = f"failed ({left_name if who == 'left' else right_name}: {_reason(exc)})"
-    log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back",
-             tunnel.name, conn_id, result, pump.elapsed, up, right_name, down)
+        result = f"failed ({near_name if who == 'left' else stats.far_name}: {_reason(exc)})"
+    log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
+             pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
 
 class Peer:
-    """The VM end: a TCP listener per tunnel, each client carried to the host over vsock."""
+    """The VM end: a listener per tunnel, each client carried to the host over vsock."""
 
     def __init__(self, tunnels, transport, service):
         self.tunnels, self.transport, self.service = tunnels, transport, service
@@ -847,13 +971,15 @@ class Peer:
             where = self.transport.describe(tunnel.handshake_port)
             self.service.start_server(
                 listen_or_fail(partial(self.transport.listen, tunnel.handshake_port), tunnel, where),
-                self.answer_handshake, f"{tunnel.name}: answering handshakes on {where}",
-                cleanup=partial(self.transport.close_listener, tunnel.handshake_port))
+                self.answer_handshake, f"{tunnel.name} handshake", None,
+                partial(self.transport.close_listener, tunnel.handshake_port))
+            log.info("%s: answering handshakes on %s", tunnel.name, where)
+            stats = self.service.new_stats(f"{tunnel.name} (peer)", "host")
             self.service.start_server(
-                listen_or_fail(tunnel.peer.listen, tunnel, str(tunnel.peer)), partial(self.carry, tunnel),
-                f"{tunnel.name}: listening on {tunnel.peer}, carrying to "
-                f"{self.transport.describe(tunnel.vsock_host_port)}",
-                tunnel.max_connections, getattr(tunnel.peer, "close_listener", None))
+                listen_or_fail(tunnel.peer.listen, tunnel, str(tunnel.peer)), partial(self.carry, tunnel, stats),
+                tunnel.name, tunnel.max_connections, getattr(tunnel.peer, "close_listener", None))
+            log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer,
+                     self.transport.describe(tunnel.vsock_host_port))
 
     def answer_handshake(self, sock, address):
         try:
@@ -864,20 +990,11 @@ class Peer:
         finally:
             sock.close()
 
-    def carry(self, tunnel, client, address):
-        conn_id = next(self.service.connection_ids)
+    def carry(self, tunnel, stats, client, address):
         tune_socket(client)
         source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
-        try:
-            host = self.transport.connect(tunnel.vsock_host_port, tunnel.connect_timeout)
-        except (OSError, gevent.Timeout) as exc:
-            log.warning("%s #%d from %s: host unreachable at %s: %s; closing the client",
-                        tunnel.name, conn_id, source, self.transport.describe(tunnel.vsock_host_port),
-                        _reason(exc))
-            abort(client)
-            return
-        log.info("%s #%d opened from %s", tunnel.name, conn_id, source)
-        log_pump(tunnel, conn_id, Pump(client, host).run(), "client", "host")
+        relay(tunnel, stats, next(self.service.connection_ids), client,
+              partial(self.transport.connect, tunnel.vsock_host_port), "client", f"from {source}")
 
 
 class Host:
@@ -894,10 +1011,12 @@ class Host:
     def serve_tunnel(self, tunnel):
         self.wait_for_peer(tunnel)
         where = self.transport.describe(tunnel.vsock_host_port)
+        stats = self.service.new_stats(f"{tunnel.name} (host)", "upstream")
         self.service.start_server(
             listen_or_fail(partial(self.transport.listen, tunnel.vsock_host_port), tunnel, where),
-            partial(self.carry, tunnel), f"{tunnel.name}: listening on {where}, carrying to {tunnel.upstream}",
-            tunnel.max_connections, partial(self.transport.close_listener, tunnel.vsock_host_port))
+            partial(self.carry, tunnel, stats), tunnel.name, tunnel.max_connections,
+            partial(self.transport.close_listener, tunnel.vsock_host_port))
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, where, tunnel.upstream)
 
     def wait_for_peer(self, tunnel):
         """Handshake until the peer answers; it may come up long after us."""
@@ -913,17 +1032,9 @@ class Host:
             gevent.sleep(delay)
             delay = min(delay * 2, longest)
 
-    def carry(self, tunnel, conn, address):
-        conn_id = next(self.service.connection_ids)
-        try:
-            upstream = tunnel.upstream.connect(tunnel.connect_timeout)
-        except (OSError, gevent.Timeout, vtunnel_npipe.PipeError) as exc:
-            log.warning("%s #%d: upstream %s unreachable: %s; closing the tunnel connection",
-                        tunnel.name, conn_id, tunnel.upstream, _reason(exc))
-            abort(conn)
-            return
-        log.info("%s #%d opened to %s", tunnel.name, conn_id, tunnel.upstream)
-        log_pump(tunnel, conn_id, Pump(conn, upstream).run(), "peer", "upstream")
+    def carry(self, tunnel, stats, conn, address):
+        relay(tunnel, stats, next(self.service.connection_ids), conn, tunnel.upstream.connect, "peer",
+              f"to {tunnel.upstream}")
 
 
 def handshake(transport, port):
@@ -1038,10 +1149,12 @@ def parse_args(argv):
     level = args["--log-level"] or "info"
     if level.lower() not in LOG_LEVELS:
         raise UsageError(f"--log-level {level}: expected one of {', '.join(LOG_LEVELS)}")
-    try:
-        args["--grace"] = float(args["--grace"] or 5)
-    except ValueError:
-        raise UsageError(f"--grace {args['--grace']}: expected a number of seconds") from None
+    for option, default in (("--grace", 5), ("--stats-interval", 0)):
+        try:
+            args[option] = float(args[option] or default)
+            assert 0 <= args[option] < 1e9
+        except (ValueError, AssertionError):
+            raise UsageError(f"{option} {args[option]}: expected a number of seconds") from None
     return args
 
 
@@ -1059,7 +1172,7 @@ def run(args):
     if args["check"]:
         print(format_table(tunnels))
         return EXIT_OK
-    service = Service(grace=args["--grace"])
+    service = Service(grace=args["--grace"], stats_interval=args["--stats-interval"])
     if args["local"]:
         transport = TcpTransport("127.0.0.1")
         roles = [Peer(tunnels, transport, service), Host(tunnels, transport, service)]
