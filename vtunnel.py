@@ -36,6 +36,7 @@ unavailable), 2 bad command line or config.
 
 import collections
 import errno
+import gc
 import ipaddress
 import itertools
 import logging
@@ -54,6 +55,7 @@ import gevent.event
 import gevent.pool
 import gevent.server
 import gevent.socket
+import greenlet
 import yaml
 
 import vtunnel_npipe
@@ -922,6 +924,7 @@ class Service:
     def log_stats(self):
         for stats in self.stats:
             log.info("%s", stats.line())
+        log.info("process: %d greenlets, %s file descriptors", count_greenlets(), count_descriptors())
 
     def _log_stats_every(self, interval):
         while True:
@@ -932,6 +935,17 @@ class Service:
         gevent.joinall([gevent.spawn(server.stop, self.grace) for server in self.servers])
         for cleanup in self.cleanups:
             cleanup()
+
+
+def count_greenlets():
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
+
+
+def count_descriptors():
+    try:
+        return str(len(os.listdir("/proc/self/fd")) - 1)  # less the one listdir holds
+    except OSError:
+        return "unknown"
 
 
 def relay(tunnel, stats, conn_id, near, dial, near_name, where):

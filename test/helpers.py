@@ -4,6 +4,9 @@ import contextlib
 import hashlib
 import http.server
 import os
+import random
+import re
+import resource
 import signal
 import socket
 import socketserver
@@ -98,12 +101,33 @@ def reply_for(count, hexdigest):
     return f"{count} {hexdigest}\n".encode() * 20000
 
 
-def echo_server():
-    return _Server(_EchoHandler)
+def echo_server(port=0):
+    return _Server(_EchoHandler, ("127.0.0.1", port))
 
 
 def half_close_server():
     return _Server(_DigestAfterEofHandler)
+
+
+def stream_bytes(size, seed=0):
+    """Deterministic pseudo-random bytes, generated in 1 MiB blocks."""
+    block = random.Random(seed).randbytes(1 << 20)
+    for offset in range(0, size, len(block)):
+        yield block[: min(len(block), size - offset)]
+
+
+class _SourceHandler(socketserver.BaseRequestHandler):
+    """Sends `server.size` bytes of stream_bytes, then closes: a download."""
+
+    def handle(self):
+        for block in stream_bytes(self.server.size):
+            self.request.sendall(block)
+
+
+def source_server(size):
+    server = _Server(_SourceHandler)
+    server.size = size
+    return server
 
 
 class HttpServer(http.server.ThreadingHTTPServer):
@@ -209,17 +233,32 @@ def socket_dir():
 class Vtunnel:
     """A real `vtunnel` process; its log goes to a file the test can read."""
 
-    def __init__(self, *args, log_dir):
+    def __init__(self, *args, log_dir, max_files=None):
         self.args = [str(a) for a in args]
         self.log_path = Path(log_dir) / f"vtunnel-{self.args[0]}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))) if max_files else None
         self.process = subprocess.Popen([sys.executable, "-m", "vtunnel", *self.args],
                                         stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        cwd=ROOT)
+                                        cwd=ROOT, preexec_fn=limit)
 
     @property
     def log(self):
         return self.log_path.read_text(errors="replace")
+
+    def descriptors(self):
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def rss_kib(self):
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0])
+
+    def snapshot(self):
+        """Ask for the stats (SIGUSR1); returns what the process logged in answer (see parse_stats)."""
+        before = len(self.log)
+        self.process.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "process: " in self.log[before:], what="a stats snapshot")
+        return parse_stats(self.log[before:])
 
     def alive(self):
         return self.process.poll() is None
@@ -241,6 +280,22 @@ class Vtunnel:
 
     def kill(self):
         return self.stop(signal.SIGKILL)
+
+
+def parse_stats(text):
+    """The newest 'stats' and 'process' log lines, as numbers: {label: {...}, 'process': {...}}."""
+    found = {}
+    for line in text.splitlines():
+        stats = re.search(r"stats (.+?): (\d+) open, (\d+) total, (\d+) bytes to \S+, (\d+) bytes back, "
+                          r"failures: (.*)$", line)
+        if stats:
+            label, *numbers, failures = stats.groups()
+            found[label] = dict(zip(("open", "total", "to", "back"), map(int, numbers), strict=True))
+            found[label]["failures"] = failures
+        process = re.search(r"process: (\d+) greenlets, (\d+) file descriptors", line)
+        if process:
+            found["process"] = {"greenlets": int(process[1]), "fds": int(process[2])}
+    return found
 
 
 def run_vtunnel(*args, timeout=30):
