@@ -92,9 +92,11 @@ class StartupError(Exception):
 # --------------------------------------------------------------------------
 
 class ConfigError(UsageError):
+    """Everything wrong with a config, one line per problem."""
+
     def __init__(self, errors):
-        super().__init__("\n".join(errors))
-        self.errors = errors
+        self.errors = [error.replace("\n", "\\n") for error in errors]
+        super().__init__("\n".join(self.errors))
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ class _ConfigLoader(yaml.SafeLoader):
                 raise yaml.MarkedYAMLError(problem=f"a key must be a string, not {_show(key)}",
                                            problem_mark=key_node.start_mark)
             if key in mapping:
-                raise yaml.MarkedYAMLError(problem=f"key '{key}' appears twice",
+                raise yaml.MarkedYAMLError(problem=f"key {key!r} appears twice",
                                            problem_mark=key_node.start_mark)
             mapping[key] = self.construct_object(value_node, deep=True)
             mapping.key_lines[key] = key_node.start_mark.line + 1
@@ -361,6 +363,9 @@ def parse_config(text, path="<config>"):
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         raise ConfigError([f"{path}:{mark.line + 1}: not valid YAML: {exc.problem}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError([f"{path}:{line}: not valid YAML: character {exc.character!r} is not allowed"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     errors = []
@@ -378,7 +383,7 @@ def _read_document(document, path, errors):
         return []
     for key in document:
         if key != "tunnel":
-            errors.append(f"{path}:{document.key_lines[key]}: unknown key '{key}': expected 'tunnel'")
+            errors.append(f"{path}:{document.key_lines[key]}: unknown key {key!r}: expected 'tunnel'")
     entries = document.get("tunnel")
     line = document.key_lines.get("tunnel", document.line)
     if not isinstance(entries, list) or not entries:
@@ -395,11 +400,11 @@ def _read_tunnel(entry, index, line, path, errors):
         errors.append(f"{path}:{line}: {label}: expected a mapping of tunnel keys, got {_show(entry)}")
         return None
     if isinstance(entry.get("name"), str) and entry["name"]:
-        label = f"tunnel '{entry['name']}'"
+        label = f"tunnel {entry['name']!r}"
     fields, problems = {}, []
     for key in entry:
         if key not in KEYS:
-            problems.append((entry.key_lines[key], f"unknown key '{key}': expected one of {', '.join(KEYS)}"))
+            problems.append((entry.key_lines[key], f"unknown key {key!r}: expected one of {', '.join(KEYS)}"))
     for key, (field, convert, default) in KEYS.items():
         if key not in entry:
             if default is REQUIRED:
@@ -441,13 +446,13 @@ def _read_peer(entry, fields, line, problems):
 def _check_unique(tunnels, path, errors):
     def clash(what, seen, key, tunnel):
         if key in seen:
-            errors.append(f"{path}:{tunnel.line}: tunnel '{tunnel.name}': {what} "
-                          f"is already used by tunnel '{seen[key].name}' (line {seen[key].line})")
+            errors.append(f"{path}:{tunnel.line}: tunnel {tunnel.name!r}: {what} "
+                          f"is already used by tunnel {seen[key].name!r} (line {seen[key].line})")
         seen.setdefault(key, tunnel)
 
     names, vsock_ports, peers = {}, {}, {}
     for tunnel in tunnels:
-        clash(f"name '{tunnel.name}'", names, tunnel.name, tunnel)
+        clash(f"name {tunnel.name!r}", names, tunnel.name, tunnel)
         clash(f"handshake-port {tunnel.handshake_port}", vsock_ports, tunnel.handshake_port, tunnel)
         clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
         if isinstance(tunnel.peer, TcpEndpoint):
@@ -774,6 +779,7 @@ class Pump:
                 sendall(data)
                 sent[direction] += len(data)
                 self.last_activity = time.monotonic()
+            culprit = dst
             dst.shutdown(socket.SHUT_WR)
         except socket.timeout:
             self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
@@ -1120,7 +1126,7 @@ def listen_or_fail(listen, tunnel, where):
     try:
         return listen()
     except OSError as exc:
-        raise StartupError(f"tunnel '{tunnel.name}': cannot listen on {where}: {_reason(exc)}") from None
+        raise StartupError(f"tunnel {tunnel.name!r}: cannot listen on {where}: {_reason(exc)}") from None
 
 
 # --------------------------------------------------------------------------
@@ -1135,14 +1141,14 @@ def check_transport(tunnels, transport):
     for tunnel in tunnels:
         for port in (tunnel.handshake_port, tunnel.vsock_host_port):
             if port > transport.max_port:
-                raise UsageError(f"tunnel '{tunnel.name}': vsock port {port} does not fit the "
+                raise UsageError(f"tunnel {tunnel.name!r}: vsock port {port} does not fit the "
                                  f"{transport} transport, whose ports stop at {transport.max_port}")
 
 
 def check_upstreams(tunnels):
     for tunnel in tunnels:
         if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
-            raise StartupError(f"tunnel '{tunnel.name}': upstream {tunnel.upstream}: "
+            raise StartupError(f"tunnel {tunnel.name!r}: upstream {tunnel.upstream}: "
                                f"{vtunnel_npipe.UNAVAILABLE_REASON}")
 
 

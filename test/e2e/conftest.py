@@ -42,6 +42,13 @@ class Deployment:
             self.start_host()
         return self
 
+    def wait_ready(self, timeout=30):
+        """Until the host end has handshaken and listens for every tunnel."""
+        host = self.local or self.host
+        for entry in self.tunnels:
+            host.wait_for_log(f"{entry['name']}: listening on", timeout)
+            host.wait_for_log(f"carrying to {entry['upstream-server-address']}", timeout)
+
     def _start(self, role):
         transport = self.transport or ("vsock:1" if role == "host" else None)
         return Vtunnel(role, "--config-path", self.config, *(["--vsock", transport] if transport else []),

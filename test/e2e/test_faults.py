@@ -41,6 +41,7 @@ class Faulty:
 
     def start(self):
         self.d.start()
+        self.d.wait_ready()
         wait_until(lambda: echo_works(self.probe["peer-port"]), what="the probe tunnel")
         self.baseline = {p: wait_for_quiet(p) for p in self.d.processes()}
         return self
@@ -59,13 +60,21 @@ class Faulty:
 
 def wait_for_quiet(process, limit=None):
     """Wait until no connection is open (and counts are back to `limit`); return the process counts."""
-    def quiet():
-        snap = process.snapshot()
+    last = {}
+
+    def quiet_and_remembered():
+        last["snapshot"] = process.snapshot()
+        return quiet_from(last["snapshot"])
+
+    def quiet_from(snap):
         opened = sum(v["open"] for k, v in snap.items() if k != "process")
         counts = snap["process"]
         back = limit is None or (counts["greenlets"] <= limit["greenlets"] and counts["fds"] <= limit["fds"])
         return counts if opened == 0 and back else None
-    return wait_until(quiet, timeout=30, interval=0.2, what=f"{process.args[0]} to be quiet")
+    try:
+        return wait_until(quiet_and_remembered, timeout=30, interval=0.2, what=f"{process.args[0]} to be quiet")
+    except AssertionError:
+        raise AssertionError(f"{process.args[0]} not quiet: {last.get('snapshot')}, limit {limit}") from None
 
 
 @pytest.fixture

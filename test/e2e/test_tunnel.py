@@ -26,6 +26,7 @@ def started(deployment, mode, echo):
     d = deployment(mode)
     entry = d.add_tunnel("echo", echo.port)
     d.start()
+    d.wait_ready()
     wait_until(lambda: echo_works(entry["peer-port"]), what="the tunnel to carry a round trip")
     return d, entry
 
@@ -112,6 +113,7 @@ def test_two_tunnels_reach_their_own_upstreams(deployment, mode):
         a = d.add_tunnel("first", first.port)
         b = d.add_tunnel("second", second.port)
         d.start()
+        d.wait_ready()
         wait_until(lambda: echo_works(a["peer-port"]), what="tunnel 'first'")
         payload = os.urandom(4096)
         assert exchange(a["peer-port"], payload) == payload
