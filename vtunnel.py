@@ -70,7 +70,8 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_LOCAL = 1  # socket.VMADDR_CID_LOCAL is missing in Python 3.11-3.13
 VMADDR_CID_HOST = 2
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 256 * 1024  # the largest read: bulk transfers
+SMALL_READ = 8 * 1024  # the first read of each direction, and the smallest
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 5.0
@@ -768,17 +769,23 @@ class Pump:
 
     def _copy(self, src, dst, direction):
         recv, sendall, sent = src.recv, dst.sendall, self.sent
+        size = SMALL_READ
         culprit = src
         try:
             while True:
                 culprit = src
-                data = recv(CHUNK_SIZE) if not self.idle_timeout else self._recv_unless_idle(src)
+                data = recv(size) if not self.idle_timeout else self._recv_unless_idle(src, size)
                 if not data:
                     break
                 culprit = dst
                 sendall(data)
                 sent[direction] += len(data)
                 self.last_activity = time.monotonic()
+                # recv allocates `size` bytes whatever arrives: small for chatty traffic, large for bulk.
+                if len(data) == size:
+                    size = min(size * 4, CHUNK_SIZE)
+                elif len(data) < size // 16:
+                    size = max(size // 4, SMALL_READ)
             culprit = dst
             dst.shutdown(socket.SHUT_WR)
         except socket.timeout:
@@ -786,11 +793,11 @@ class Pump:
         except OSError as exc:
             self._fail(culprit, exc)
 
-    def _recv_unless_idle(self, src):
+    def _recv_unless_idle(self, src, size):
         # A quiet direction is not idle while the other one moves bytes.
         while True:
             try:
-                return src.recv(CHUNK_SIZE)
+                return src.recv(size)
             except socket.timeout:
                 if time.monotonic() - self.last_activity >= self.idle_timeout:
                     raise
