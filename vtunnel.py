@@ -667,8 +667,10 @@ def tune_socket(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE.items():
-            if hasattr(socket, option):
+            try:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+            except (AttributeError, OSError):
+                pass  # older Windows (and Wine) lack these: the system's keepalive timing applies
 
 
 def dial(family, address, timeout):

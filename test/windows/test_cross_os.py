@@ -1,0 +1,127 @@
+"""Cross-OS end to end: a real `vtunnel host` on the Windows Python (under Wine) with a TCP and a
+named-pipe upstream, reached from a real Linux `vtunnel peer`, over the emulated tcp: transport
+(Wine has no AF_HYPERV). Run by `tox -e windows`, which sets VTUNNEL_WINEPY."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, Vtunnel, echo_server, sha256, socket_dir, tunnel_entry, wait_until, write_config
+
+WINEPY = os.environ.get("VTUNNEL_WINEPY")
+pytestmark = pytest.mark.skipif(not WINEPY or sys.platform == "win32",
+                                reason="needs the Windows Python under Wine (tox -e windows sets VTUNNEL_WINEPY)")
+
+
+class WineProcess:
+    """A Windows Python process under Wine; its output (pipes, as Wine needs) is kept as text."""
+
+    def __init__(self, *args, marker):
+        self.marker = marker  # a word of the command line that is this process's alone
+        self.process = subprocess.Popen(["bash", WINEPY, *map(str, args)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                        cwd=ROOT)
+        self.lines = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self):
+        return "\n".join(self.lines)
+
+    def wait_for(self, text, timeout=60):
+        wait_until(lambda: text in self.log or self.process.poll() is not None, timeout, what=repr(text))
+        assert text in self.log, self.log
+
+    def stop(self):
+        self.process.kill()
+        subprocess.run(["pkill", "-f", self.marker], check=False)  # the Windows python.exe under wine
+        self.process.wait(10)
+
+
+def round_trip(sock, payload):
+    """Send payload and read exactly as many bytes back (pipes cannot half-close)."""
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    chunks, got = [], 0
+    while got < len(payload):
+        data = sock.recv(262144)
+        assert data, "the tunnel closed early"
+        chunks.append(data)
+        got += len(data)
+    sender.join()
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def cross(tmp_path):
+    pipe = rf"\\.\pipe\vtunnel-cross-{os.getpid()}"
+    pipe_server = WineProcess(ROOT / "test/windows/pipe_echo_server.py", pipe, 8, marker=f"vtunnel-cross-{os.getpid()}")
+    tcp_upstream = echo_server()
+    sockets = socket_dir()
+    tcp = tunnel_entry("tcp-up", tcp_upstream.port, "tcp")
+    npipe = tunnel_entry("pipe-up", 1, "tcp", upstream="npipe://" + pipe.replace("\\", "/"))
+    agent = tunnel_entry("agent-shape", 1, "tcp", upstream="npipe://" + pipe.replace("\\", "/"))
+    del agent["peer-address"], agent["peer-port"]
+    agent["peer-socket"] = f"{sockets}/agent.sock"
+    config = write_config(tmp_path, [tcp, npipe, agent])
+    pipe_server.wait_for("ready")
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", config,
+                       "--vsock", "tcp:127.0.0.1", "--log-level", "debug", marker=str(config))
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    try:
+        for name in ("tcp-up", "pipe-up", "agent-shape"):
+            host.wait_for(f"{name}: listening on")
+        yield {"tcp": tcp, "pipe": npipe, "agent": agent, "host": host, "peer": peer, "pipes": pipe_server,
+               "upstream": tcp_upstream}
+    finally:
+        print("--- windows host:\n" + host.log + "\n--- linux peer:\n" + peer.log)
+        peer.stop()
+        host.stop()
+        pipe_server.stop()
+        tcp_upstream.stop()
+
+
+def test_windows_host_carries_tcp_and_named_pipe_upstreams(cross):
+    payload = os.urandom(4 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", cross["tcp"]["peer-port"]), timeout=60) as sock:
+        assert sha256(round_trip(sock, payload)) == sha256(payload)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", cross["pipe"]["peer-port"]), timeout=60) as sock:
+            assert sha256(round_trip(sock, payload)) == sha256(payload)
+    cross["pipes"].wait_for(f"got {len(payload)} {sha256(payload)}")
+    wait_until(lambda: (len(payload), sha256(payload)) in cross["upstream"].received, what="the TCP upstream")
+
+
+def test_linux_unix_socket_to_windows_named_pipe(cross):
+    """The ssh-agent shape: a Linux client on the peer's socket, a Windows pipe at the far end."""
+    path = cross["agent"]["peer-socket"]
+    wait_until(lambda: Path(path).exists(), what="the peer's socket")
+    payload = os.urandom(1024 * 1024)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
+        sock.connect(path)
+        assert sha256(round_trip(sock, payload)) == sha256(payload)
+    cross["pipes"].wait_for(f"got {len(payload)} {sha256(payload)}")
+
+
+def test_a_missing_pipe_is_one_connection_error_and_the_host_keeps_serving(cross, tmp_path):
+    cross["pipes"].stop()  # the pipe server is gone
+    with socket.create_connection(("127.0.0.1", cross["pipe"]["peer-port"]), timeout=30) as sock:
+        sock.sendall(b"anyone?")
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    cross["host"].wait_for("upstream unreachable: no such named pipe")
+    payload = os.urandom(100_000)
+    with socket.create_connection(("127.0.0.1", cross["tcp"]["peer-port"]), timeout=60) as sock:
+        assert sha256(round_trip(sock, payload)) == sha256(payload)
