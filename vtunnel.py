@@ -2,7 +2,7 @@
 
 Usage:
   vtunnel peer  --config-path PATH [--vsock TRANSPORT] [options]
-  vtunnel host  --config-path PATH [--vsock TRANSPORT] [options]
+  vtunnel host  --config-path PATH [--vsock TRANSPORT] [--vm-id GUID] [options]
   vtunnel local --config-path PATH [options]
   vtunnel check --config-path PATH
   vtunnel (-h | --help)
@@ -21,6 +21,7 @@ Options:
   --vsock TRANSPORT    how vsock ports are reached: vsock, vsock:CID, hyperv,
                        tcp:HOST or unix:PREFIX [default: vsock on Linux,
                        hyperv on Windows].
+  --vm-id GUID         host on Hyper-V: the VM to serve, skipping discovery.
   --log-level LEVEL    debug, info, warning or error [default: info].
   --grace SECONDS      on SIGINT/SIGTERM, how long open connections may
                        finish before they are closed [default: 5].
@@ -45,6 +46,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ import gevent.event
 import gevent.pool
 import gevent.server
 import gevent.socket
+import gevent.threadpool
 import greenlet
 import yaml
 
@@ -484,6 +487,10 @@ class Transport:
     """
     family = None
     max_port = 0xFFFFFFFF
+    per_vm = False  # True where each VM has its own addresses, found by handshakes (Hyper-V)
+
+    def for_vm(self, vm_id):
+        return self
 
     def listen_address(self, port):
         raise NotImplementedError
@@ -541,13 +548,24 @@ def hyperv_service_id(port):
 
 
 class HyperVTransport(Transport):
+    """AF_HYPERV: vsock port N is the service GUID {N:08X}-FACB-11E6-BD58-64006A7986D3 of one VM.
+
+    gevent's readiness polling is not known to work on Hyper-V sockets, so
+    they stay blocking and every call that may block runs in a threadpool
+    (ThreadedSocket): the pump cannot tell the difference.
+    """
     family = getattr(socket, "AF_HYPERV", None)
+    protocol = getattr(socket, "HV_PROTOCOL_RAW", 1)
+    per_vm = True  # the VM is found by a handshake, and found again when it changes
 
     def __init__(self, vm_id=None):
         self.vm_id = vm_id
 
     def __str__(self):
         return "hyperv" if self.vm_id is None else f"hyperv:{self.vm_id}"
+
+    def for_vm(self, vm_id):
+        return type(self)(vm_id)
 
     def check_available(self):
         if sys.platform == "win32" and sys.version_info < (3, 12):
@@ -558,6 +576,144 @@ class HyperVTransport(Transport):
         return (self.vm_id, hyperv_service_id(port))
 
     dial_address = listen_address
+
+    def listen(self, port):
+        sock = socket.socket(self.family, socket.SOCK_STREAM, self.protocol)
+        try:
+            self.set_options(sock)
+            sock.bind(self.listen_address(port))
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        return ThreadedListener(sock)
+
+    def connect(self, port, timeout=CONNECT_TIMEOUT):
+        sock = socket.socket(self.family, socket.SOCK_STREAM, self.protocol)
+        try:
+            self.set_options(sock, connect_timeout=timeout)
+            with gevent.Timeout(timeout + 1, socket.timeout("timed out")):
+                vtunnel_npipe.run_in_thread(hyperv_threadpool(), sock.connect, self.dial_address(port))
+        except BaseException:
+            sock.close()
+            raise
+        return ThreadedSocket(sock)
+
+    def set_options(self, sock, connect_timeout=None):
+        if connect_timeout is not None:  # Hyper-V's own connect timeout is 90 s by default
+            sock.setsockopt(self.protocol, socket.HVSOCKET_CONNECT_TIMEOUT, int(connect_timeout * 1000))
+        sock.setsockopt(self.protocol, socket.HVSOCKET_CONNECTED_SUSPEND, 1)  # survive the host sleeping
+
+
+_hyperv_pool = None
+
+
+def hyperv_threadpool():
+    """The threads that block in Hyper-V socket calls: one per pending call."""
+    global _hyperv_pool
+    if _hyperv_pool is None:
+        _hyperv_pool = gevent.threadpool.ThreadPool(1024)
+    return _hyperv_pool
+
+
+class ThreadedSocket:
+    """A blocking socket whose blocking calls run in a threadpool, with the calls the pump uses."""
+
+    def __init__(self, sock):
+        self.sock, self.timeout = sock, None
+        self.family = sock.family
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def _call(self, method, *args):
+        with gevent.Timeout(self.timeout, socket.timeout("timed out")):
+            result = vtunnel_npipe.run_in_thread(hyperv_threadpool(), method, *args)
+        if self.closed:  # woken by close(), as gevent's own sockets report it
+            raise OSError(errno.EBADF, "the socket was closed in another greenlet")
+        return result
+
+    def recv(self, size):
+        return self._call(self.sock.recv, size)
+
+    def sendall(self, data):
+        return self._call(self.sock.sendall, data)
+
+    def shutdown(self, how):
+        self.sock.shutdown(how)
+
+    def setsockopt(self, *args):
+        self.sock.setsockopt(*args)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv or send on it
+        except OSError:
+            pass
+        self.sock.close()
+
+    @property
+    def closed(self):
+        return self.sock.fileno() == -1
+
+
+class ThreadedListener:
+    """A blocking listening socket; ThreadedServer accepts from it in the threadpool."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def accept(self):
+        conn, address = vtunnel_npipe.run_in_thread(hyperv_threadpool(), self.sock.accept)
+        return ThreadedSocket(conn), address
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class ThreadedServer:
+    """StreamServer's life cycle (start, close, stop with a grace period) over a ThreadedListener."""
+
+    def __init__(self, listener, handle, spawn):
+        self.listener, self.handle, self.pool = listener, handle, spawn
+        self.accepting = None
+        self.name = ""
+
+    @property
+    def started(self):
+        return self.accepting is not None and not self.accepting.dead
+
+    def start(self):
+        self.accepting = gevent.spawn(self._accept_forever)
+
+    def _accept_forever(self):
+        while True:
+            self.pool.wait_available()  # a full pool: clients wait in the listen backlog
+            try:
+                conn, address = self.listener.accept()
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:
+                    log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc),
+                                ACCEPT_PAUSE)
+                    gevent.sleep(ACCEPT_PAUSE)
+                    continue
+                log.warning("%s: the listener failed: %s", self.name, _reason(exc))
+                return
+            self.pool.spawn(self.handle, conn, address)
+
+    def close(self):
+        if self.accepting is not None:
+            self.accepting.kill(block=False)
+        self.listener.close()
+
+    def stop(self, timeout=None):
+        self.close()
+        self.pool.join(timeout=timeout)
+        self.pool.kill(block=True, timeout=1)
 
 
 class TcpTransport(Transport):
@@ -880,7 +1036,8 @@ class Service:
 
     def start_server(self, listener, handle, name, max_connections=None, cleanup=None):
         # A full pool stops the accept loop: further clients wait in the listen backlog.
-        server = Server(listener, handle, spawn=gevent.pool.Pool(max_connections))
+        server_class = ThreadedServer if isinstance(listener, ThreadedListener) else Server
+        server = server_class(listener, handle, spawn=gevent.pool.Pool(max_connections))
         server.name = name
         server.start()
         self.servers.append(server)
@@ -1028,42 +1185,129 @@ class Peer:
 
 class Host:
     """The host end: after a handshake with the peer, a vsock listener per tunnel,
-    each connection carried to the tunnel's upstream server."""
+    each connection carried to the tunnel's upstream server.
 
-    def __init__(self, tunnels, transport, service):
+    Where each VM has its own addresses (Hyper-V), the handshake also finds
+    the VM, and a periodic handshake notices when it is gone (WSL's VM gets a
+    new GUID at every restart): the tunnel then finds it again and listens anew.
+    """
+
+    def __init__(self, tunnels, transport, service, vm_candidates=None):
         self.tunnels, self.transport, self.service = tunnels, transport, service
+        self.vm_candidates = vm_candidates or candidate_vm_ids
 
     def start(self):
         for tunnel in self.tunnels:
             self.service.spawn(self.serve_tunnel, tunnel)
 
     def serve_tunnel(self, tunnel):
-        self.wait_for_peer(tunnel)
-        where = self.transport.describe(tunnel.vsock_host_port)
         stats = self.service.new_stats(f"{tunnel.name} (host)", "upstream")
-        self.service.start_server(
-            listen_or_fail(partial(self.transport.listen, tunnel.vsock_host_port), tunnel, where),
-            partial(self.carry, tunnel, stats), tunnel.name, tunnel.max_connections,
-            partial(self.transport.close_listener, tunnel.vsock_host_port))
-        log.info("%s: listening on %s, carrying to %s", tunnel.name, where, tunnel.upstream)
+        while True:
+            transport = self.wait_for_peer(tunnel)
+            where = transport.describe(tunnel.vsock_host_port)
+            server = self.service.start_server(
+                listen_or_fail(partial(transport.listen, tunnel.vsock_host_port), tunnel, where),
+                partial(self.carry, tunnel, stats), tunnel.name, tunnel.max_connections,
+                partial(transport.close_listener, tunnel.vsock_host_port))
+            log.info("%s: listening on %s, carrying to %s", tunnel.name, where, tunnel.upstream)
+            if not transport.per_vm:
+                return
+            self.watch_peer(tunnel, transport, server)
+            server.close()  # open connections run on; new ones go to wherever the peer is now
+            log.warning("%s: the peer at %s stopped answering; looking for it again", tunnel.name, transport)
 
     def wait_for_peer(self, tunnel):
-        """Handshake until the peer answers; it may come up long after us."""
+        """Handshake until a peer answers, and return the transport that reaches it."""
         delay, longest = HANDSHAKE_BACKOFF
         for attempt in itertools.count(1):
-            problem = handshake(self.transport, tunnel.handshake_port)
-            if problem is None:
+            transport, problem = self.find_peer(tunnel)
+            if transport:
                 log.info("%s: handshake with the peer at %s succeeded", tunnel.name,
-                         self.transport.describe(tunnel.handshake_port))
-                return
+                         transport.describe(tunnel.handshake_port))
+                return transport
             log.info("%s: handshake attempt %d with %s: %s; retrying in %.2gs", tunnel.name,
                      attempt, self.transport.describe(tunnel.handshake_port), problem, delay)
             gevent.sleep(delay)
             delay = min(delay * 2, longest)
 
+    def find_peer(self, tunnel):
+        """(transport, None) once a peer answers the seed phrase, else (None, the problem)."""
+        if not self.transport.per_vm or getattr(self.transport, "vm_id", None):
+            problem = handshake(self.transport, tunnel.handshake_port)
+            return (None, problem) if problem else (self.transport, None)
+        candidates = self.vm_candidates()
+        if not candidates:
+            return None, "no running VM found (no ComputeSystem entries, no id from wsl.exe)"
+        vm_id = find_vm(self.transport, tunnel.handshake_port, candidates)
+        if vm_id is None:
+            return None, f"no peer answered in any of {len(candidates)} VM(s)"
+        return self.transport.for_vm(vm_id), None
+
+    def watch_peer(self, tunnel, transport, server):
+        """Return once the peer stops answering twice in a row, or the listener fails."""
+        misses = 0
+        while server.started and misses < 2:
+            gevent.sleep(PEER_CHECK_INTERVAL)
+            problem = handshake(transport, tunnel.handshake_port)
+            misses = misses + 1 if problem else 0
+            if problem:
+                log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
+
     def carry(self, tunnel, stats, conn, address):
         relay(tunnel, stats, next(self.service.connection_ids), conn, tunnel.upstream.connect, "peer",
               f"to {tunnel.upstream}")
+
+
+# Windows: the running VMs, as candidates for the handshake
+COMPUTE_SYSTEM_KEY = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion\HostComputeService\VolatileStore\ComputeSystem"
+GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+PEER_CHECK_INTERVAL = 10.0  # seconds between the handshakes that notice a VM has gone
+
+
+def registry_vm_ids():
+    """The GUID-named subkeys of ComputeSystem: one per running Hyper-V compute system."""
+    try:
+        import winreg
+        key = winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, COMPUTE_SYSTEM_KEY)
+    except (ImportError, OSError):
+        return []
+    names = []
+    with key:
+        for index in itertools.count():
+            try:
+                names.append(winreg.EnumKey(key, index))
+            except OSError:
+                break
+    return [name.strip("{}") for name in names if GUID.fullmatch(name.strip("{}"))]
+
+
+def wsl_vm_id():
+    """What `wsl.exe -- wslinfo --vm-id` prints (WSL 2.0+): the VM when the registry lists none."""
+    try:
+        command = ["wsl.exe", "--", "wslinfo", "--vm-id"]
+        done = vtunnel_npipe.run_in_thread(hyperv_threadpool(), partial(subprocess.run, command,
+                                                                        capture_output=True, timeout=15))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = GUID.search(done.stdout.decode("utf-8", "replace"))
+    return found[0] if found else None
+
+
+def candidate_vm_ids():
+    return registry_vm_ids() or [vm_id for vm_id in [wsl_vm_id()] if vm_id]
+
+
+def find_vm(transport, port, candidates):
+    """Handshake every candidate VM at once; the first whose peer answers the seed phrase wins."""
+    attempts = {gevent.spawn(handshake, transport.for_vm(vm_id), port): vm_id for vm_id in candidates}
+    try:
+        for attempt in gevent.iwait(attempts):
+            if attempt.successful() and attempt.value is None:
+                return attempts[attempt]
+            log.debug("handshake with VM %s: %s", attempts[attempt], attempt.value or attempt.exception)
+    finally:
+        gevent.killall(list(attempts), block=False)
+    return None
 
 
 def handshake(transport, port):
@@ -1207,6 +1451,10 @@ def run(args):
         roles = [Peer(tunnels, transport, service), Host(tunnels, transport, service)]
     else:
         transport = parse_transport(args["--vsock"]) if args["--vsock"] else default_transport()
+        if args.get("--vm-id"):
+            if not transport.per_vm or not GUID.fullmatch(args["--vm-id"].strip("{}")):
+                raise UsageError(f"--vm-id {args['--vm-id']}: expected a VM GUID, with the hyperv transport")
+            transport = transport.for_vm(args["--vm-id"].strip("{}"))
         roles = [(Peer if args["peer"] else Host)(tunnels, transport, service)]
     check_transport(tunnels, transport)
     if not args["peer"]:

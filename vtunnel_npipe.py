@@ -53,6 +53,33 @@ def threadpool():
     return _pool
 
 
+def _capture(function, *args):
+    # An exception raised in a pool thread would be printed by the hub as a traceback: carry it
+    # back to the waiting greenlet as a value instead, to be raised there.
+    try:
+        return True, function(*args)
+    except BaseException as exc:  # noqa: B036 (re-raised in the caller's greenlet)
+        return False, exc
+
+
+def spawn_in_thread(pool, function, *args):
+    """Start function(*args) in `pool`; returns what `outcome` turns into its result."""
+    return pool.spawn(_capture, function, *args)
+
+
+def outcome(waiting):
+    """The result of a spawn_in_thread call that has finished, or its exception raised here."""
+    ok, value = waiting.get()
+    if not ok:
+        raise value
+    return value
+
+
+def run_in_thread(pool, function, *args):
+    """function(*args) in a pool thread, from a greenlet: its result, or its exception."""
+    return outcome(spawn_in_thread(pool, function, *args))
+
+
 def connect(path, timeout):
     """Open the named pipe `path` (\\\\.\\pipe\\NAME), waiting up to `timeout` s while it is busy."""
     if not AVAILABLE:
@@ -72,7 +99,7 @@ def connect(path, timeout):
         if time.monotonic() >= deadline:
             raise PipeError(errno.EBUSY, f"all instances of the pipe stayed busy for {timeout:g}s", path)
         try:
-            threadpool().apply(_winapi.WaitNamedPipe, (path, BUSY_WAIT_MS))
+            run_in_thread(threadpool(), _winapi.WaitNamedPipe, path, BUSY_WAIT_MS)
         except OSError as exc:
             if exc.winerror not in (ERROR_SEM_TIMEOUT, ERROR_FILE_NOT_FOUND):
                 raise PipeError(exc.errno, exc.strerror, path) from None
@@ -105,7 +132,7 @@ class PipeStream:
                 if exc.winerror in END_OF_STREAM:
                     return b""
                 raise
-            self._read = (overlapped, threadpool().spawn(overlapped.GetOverlappedResult, True))
+            self._read = (overlapped, spawn_in_thread(threadpool(), overlapped.GetOverlappedResult, True))
         overlapped, waiting = self._read
         # Wait for the read, for the tunnel side to end (then drain), or for the timeout.
         gevent.wait([waiting, self._drain], timeout=self.timeout, count=1)
@@ -131,7 +158,7 @@ class PipeStream:
                 self._writing, err = _winapi.WriteFile(self.handle, view, overlapped=True)
             except OSError as exc:
                 raise self._error(exc.winerror) from None
-            waiting = threadpool().spawn(self._writing.GetOverlappedResult, True)
+            waiting = spawn_in_thread(threadpool(), self._writing.GetOverlappedResult, True)
             if not gevent.wait([waiting], timeout=self.timeout):
                 raise socket.timeout("timed out")
             written, err = self._result(waiting)
@@ -160,7 +187,7 @@ class PipeStream:
     def _result(self, waiting):
         """(bytes moved, Windows error) of a finished overlapped call."""
         try:
-            result = waiting.get()
+            result = outcome(waiting)
         except OSError as exc:
             if self.closed:
                 raise OSError(errno.EBADF, "the pipe was closed") from None
