@@ -6,7 +6,6 @@ import http.server
 import os
 import random
 import re
-import resource
 import signal
 import socket
 import socketserver
@@ -15,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -237,7 +237,7 @@ class Vtunnel:
         self.args = [str(a) for a in args]
         self.log_path = Path(log_dir) / f"vtunnel-{self.args[0]}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
-        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))) if max_files else None
+        limit = partial(_limit_files, max_files) if max_files else None
         self.process = subprocess.Popen([sys.executable, "-m", "vtunnel", *self.args],
                                         stdout=self.log_file, stderr=subprocess.STDOUT,
                                         cwd=ROOT, preexec_fn=limit)
@@ -296,6 +296,11 @@ def parse_stats(text):
         if process:
             found["process"] = {"greenlets": int(process[1]), "fds": int(process[2])}
     return found
+
+
+def _limit_files(count):
+    import resource  # Unix only: helpers also serve the Windows harness
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def run_vtunnel(*args, timeout=30):

@@ -23,19 +23,25 @@ def serve(name, instances):
             _winapi.ConnectNamedPipe(handle, False)
         except OSError:
             pass
-        digest, count = hashlib.sha256(), 0
-        try:
-            while True:
-                data, _ = _winapi.ReadFile(handle, 65536)
-                if not data:
-                    break
-                digest.update(data)
-                count += len(data)
-                _winapi.WriteFile(handle, data)
-        except OSError:
-            pass
+        count, hexdigest = echo_until_closed(handle)
         _winapi.CloseHandle(handle)
-        print(f"got {count} {digest.hexdigest()}", flush=True)
+        print(f"got {count} {hexdigest}", flush=True)
+
+
+def echo_until_closed(handle):
+    """Echo every byte on a blocking pipe handle until the client closes; (bytes, sha256) of them."""
+    digest, count = hashlib.sha256(), 0
+    try:
+        while True:
+            data, _ = _winapi.ReadFile(handle, 65536)
+            if not data:
+                break
+            digest.update(data)
+            count += len(data)
+            _winapi.WriteFile(handle, data)
+    except OSError:
+        pass  # the client closed: the end of the stream
+    return count, digest.hexdigest()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ if sys.platform == "win32":
     import _winapi
 
     import gevent
+    from pipe_echo_server import echo_until_closed
 
     import vtunnel
     import vtunnel_npipe
@@ -58,18 +59,7 @@ class PipeServer(threading.Thread):
 
 
 def echo(server, handle):
-    digest, count = hashlib.sha256(), 0
-    try:
-        while True:
-            data, _ = _winapi.ReadFile(handle, 65536)
-            if not data:
-                break
-            digest.update(data)
-            count += len(data)
-            _winapi.WriteFile(handle, data)
-    except OSError:
-        pass  # the client closed: the end of the stream
-    server.received.append((count, digest.hexdigest()))
+    server.received.append(echo_until_closed(handle))
 
 
 def write_then_close(size):
