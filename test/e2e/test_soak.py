@@ -1,6 +1,6 @@
 """Soak: a bounded run of mixed traffic, every byte checked, the counters matching what clients did.
 
-VTUNNEL_SOAK_SECONDS sets the length (default 45).
+VTUNNEL_SOAK_SECONDS sets the length (default 60).
 """
 
 import os
@@ -11,7 +11,7 @@ import time
 
 from helpers import HttpServer, echo_server, exchange, parse_stats, sha256
 
-SECONDS = float(os.environ.get("VTUNNEL_SOAK_SECONDS", "45"))
+SECONDS = float(os.environ.get("VTUNNEL_SOAK_SECONDS", "60"))
 
 
 class Tally:
