@@ -445,7 +445,7 @@ def test_idle_timeout_closes_quiet_connections_only(faulty):
     (b"\x00\xff" * 40, "bytes that are not the seed phrase"),
     (b"github.com/rancher", "18 bytes that are not the seed phrase"),
     (b"", "0 bytes that are not the seed phrase"),
-])
+], ids=["another-phrase", "binary", "cut-short", "closes-at-once"])
 def test_a_wrong_handshake_is_rejected_and_logged(tmp_path, answer, problem):
     impostor = socket.create_server(("127.0.0.1", 0))
     entry = tunnel_entry("t", 1, "tcp")
