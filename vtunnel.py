@@ -37,6 +37,7 @@ unavailable), 2 bad command line or config.
 
 import collections
 import errno
+import fcntl
 import gc
 import ipaddress
 import itertools
@@ -926,6 +927,12 @@ class Pump:
         return time.monotonic() - self.started
 
     def _copy(self, src, dst, direction):
+        if SPLICE and not self.idle_timeout and isinstance(src, gevent.socket.socket) \
+                and isinstance(dst, gevent.socket.socket):
+            try:
+                return self._splice(src, dst, direction)
+            except SpliceUnsupported:
+                pass  # this pair of socket kinds cannot splice: copy through Python instead
         recv, sendall, sent = src.recv, dst.sendall, self.sent
         size = SMALL_READ
         culprit = src
@@ -951,6 +958,50 @@ class Pump:
         except OSError as exc:
             self._fail(culprit, exc)
 
+    def _splice(self, src, dst, direction):
+        """Linux: the same copy through a kernel pipe, so the bytes never enter Python."""
+        culprit, pipe = src, None
+        try:
+            src._wait(src._read_event)  # gevent's own wait: close() in another greenlet wakes it
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(pipe[1], F_SETPIPE_SZ, CHUNK_SIZE)
+            try:
+                moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise SpliceUnsupported() from None
+                raise
+            while True:
+                if moved is None:
+                    culprit = src
+                    moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE)
+                if not moved:
+                    break
+                culprit = dst
+                while moved:
+                    try:
+                        sent = _splice_once(dst, dst._write_event, pipe[0], dst.fileno(), moved)
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        # dst cannot take a splice: hand over what the pipe holds, then copy.
+                        while moved:
+                            data = os.read(pipe[0], moved)
+                            dst.sendall(data)
+                            moved -= len(data)
+                            self.sent[direction] += len(data)
+                        raise SpliceUnsupported() from None
+                    moved -= sent
+                    self.sent[direction] += sent
+                moved = None
+            culprit = dst
+            dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._fail(culprit, exc)
+        finally:
+            for fd in pipe or ():
+                os.close(fd)
+
     def _recv_unless_idle(self, src, size):
         # A quiet direction is not idle while the other one moves bytes.
         while True:
@@ -965,6 +1016,24 @@ class Pump:
             self.failure = ("left" if culprit is self.left else "right", exc)
             abort(self.left)
             abort(self.right)
+
+
+SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")  # Python 3.10+ on Linux
+
+
+class SpliceUnsupported(Exception):
+    """The kernel cannot splice this kind of socket."""
+
+F_SETPIPE_SZ = 1031
+
+
+def _splice_once(sock, event, fd_in, fd_out, size):
+    """One os.splice of up to `size` bytes, waiting on `sock`'s `event` while it would block."""
+    while True:
+        try:
+            return os.splice(fd_in, fd_out, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            sock._wait(event)
 
 
 # --------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """The pump, in-process over real loopback TCP connections driven by gevent."""
 
+import errno
 import gc
 import hashlib
 import os
 import socket
+import stat
 
 import gevent
 import gevent.socket
 import greenlet
 import pytest
 
+import vtunnel
 from vtunnel import Pump
 
 
@@ -24,9 +27,13 @@ def tcp_pair():
     return near, far
 
 
-@pytest.fixture
-def pumped():
-    """client <-> [left | Pump | right] <-> server; yields (client, server, pump greenlet)."""
+@pytest.fixture(params=["splice", "copy"] if vtunnel.SPLICE else ["copy"])
+def pumped(request, monkeypatch):
+    """client <-> [left | Pump | right] <-> server; yields (client, server, pump greenlet).
+
+    Every pump test runs twice on Linux: through kernel pipes (splice) and through Python (copy).
+    """
+    monkeypatch.setattr(vtunnel, "SPLICE", request.param == "splice")
     client, left = tcp_pair()
     right, server = tcp_pair()
     client.settimeout(20)  # a hang is a failure, not a stuck run
@@ -138,3 +145,27 @@ def test_killing_the_pump_closes_both_ends(pumped):
     running.kill(timeout=5)
     assert client.recv(10) == b""
     assert server.recv(10) == b""
+
+
+@pytest.mark.skipif(not vtunnel.SPLICE, reason="splice is Linux-only")
+@pytest.mark.parametrize("refused", ["into the pipe", "out of the pipe"])
+def test_a_kernel_that_refuses_splice_still_gets_every_byte(monkeypatch, refused):
+    real_splice = os.splice
+
+    def splice(fd_in, fd_out, count, *args, **kwargs):
+        socket_end = fd_in if refused == "into the pipe" else fd_out
+        if stat.S_ISSOCK(os.fstat(socket_end).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(fd_in, fd_out, count, *args, **kwargs)
+    monkeypatch.setattr(os, "splice", splice)
+    client, left = tcp_pair()
+    right, server = tcp_pair()
+    running = gevent.spawn(Pump(left, right).run)
+    up, down = os.urandom(3_000_000), os.urandom(2_000_000)
+    readers = [gevent.spawn(read_all, server), gevent.spawn(read_all, client)]
+    for sock, data in ((client, up), (server, down)):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    gevent.joinall(readers, raise_error=True, timeout=30)
+    assert readers[0].value == up and readers[1].value == down
+    assert running.get(timeout=10).sent == [len(up), len(down)]
