@@ -37,7 +37,6 @@ unavailable), 2 bad command line or config.
 
 import collections
 import errno
-import fcntl
 import gc
 import ipaddress
 import itertools
@@ -1018,6 +1017,8 @@ class Pump:
             abort(self.right)
 
 
+if sys.platform.startswith("linux"):
+    import fcntl
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")  # Python 3.10+ on Linux
 
 

@@ -19,7 +19,8 @@ MODULES="virtio_pci 9pnet_virtio 9p overlay vsock_loopback"
 say() { echo "vsockvm: $*" >&2; }
 
 install_tools() {
-  command -v qemu-system-x86_64 >/dev/null && /bin/busybox --list 2>/dev/null | grep -qx cpio && return
+  # grep without -q: an early exit would SIGPIPE busybox and fail the pipeline (pipefail)
+  command -v qemu-system-x86_64 >/dev/null && /bin/busybox --list 2>/dev/null | grep -x cpio >/dev/null && return
   say "installing qemu-system-x86 and busybox-static"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
