@@ -70,7 +70,6 @@ log = logging.getLogger("vtunnel")
 SEED_PHRASE = b"github.com/rancher-sandbox/rancher-desktop-vtunnel"
 HYPERV_SERVICE_TEMPLATE = "{port:08X}-FACB-11E6-BD58-64006A7986D3"
 VMADDR_CID_ANY = 0xFFFFFFFF
-VMADDR_CID_LOCAL = 1  # socket.VMADDR_CID_LOCAL is missing in Python 3.11-3.13
 VMADDR_CID_HOST = 2
 
 CHUNK_SIZE = 256 * 1024  # the largest read: bulk transfers
@@ -506,15 +505,7 @@ class Transport:
             raise StartupError(f"the {self} transport is not available on this platform")
 
     def listen(self, port):
-        sock = gevent.socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            self.prepare_listener(sock, port)
-            sock.bind(self.listen_address(port))
-            sock.listen(LISTEN_BACKLOG)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return listen_socket(self.family, self.listen_address(port), partial(self.prepare_listener, port=port))
 
     def connect(self, port, timeout=CONNECT_TIMEOUT):
         return dial(self.family, self.dial_address(port), timeout)
@@ -733,9 +724,7 @@ class TcpTransport(Transport):
     dial_address = listen_address
 
     def prepare_listener(self, sock, port):
-        # A restarted end must be able to listen again while old
-        # connections linger in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reuse_address(sock)
 
 
 class UnixTransport(Transport):
@@ -1082,8 +1071,8 @@ class Stats:
         self.sent[0] += pump.sent[0]
         self.sent[1] += pump.sent[1]
         if pump.failure:
-            who, exc = pump.failure
-            self.failures[f"{near_name if who == 'left' else self.far_name} {_reason(exc)}"] += 1
+            exc = pump.failure[1]
+            self.failures[f"{failed_end(pump, near_name, self.far_name)} {_reason(exc)}"] += 1
 
     def line(self):
         failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
@@ -1179,6 +1168,11 @@ class Service:
             cleanup()
 
 
+def failed_end(pump, near_name, far_name):
+    """Which end of a failed pump failed, by name: the near end is the pump's left."""
+    return near_name if pump.failure[0] == "left" else far_name
+
+
 def count_greenlets():
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
 
@@ -1207,8 +1201,8 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where):
     stats.closed(pump, near_name)
     result = "closed"
     if pump.failure:
-        who, exc = pump.failure
-        result = f"failed ({near_name if who == 'left' else stats.far_name}: {_reason(exc)})"
+        exc = pump.failure[1]
+        result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)})"
     log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
              pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
@@ -1409,19 +1403,30 @@ def read_exactly(sock, size):
     return data
 
 
-def listen_tcp(host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if not _is_ip(host):
-        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+def listen_socket(family, address, prepare=None):
+    """A listening gevent socket; `prepare(sock)` runs before the bind."""
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if prepare:
+            prepare(sock)
+        sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def reuse_address(sock):
+    # A restarted end must be able to listen again while old connections linger in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def listen_tcp(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not _is_ip(host):
+        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    return listen_socket(family, (host, port), reuse_address)
 
 
 def listen_unix(path, mode=0o600):
@@ -1430,15 +1435,10 @@ def listen_unix(path, mode=0o600):
     if not os.path.isdir(directory):
         raise OSError(errno.ENOENT, f"the directory {directory} does not exist")
     claim_socket_path(path)
-    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # umask, not a chmod after bind: no moment when others may connect.
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
+        sock = listen_socket(socket.AF_UNIX, path)
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
