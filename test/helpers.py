@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,12 @@ def exchange_on(sock, payload):
     if failure:
         raise failure[0]
     return b"".join(chunks)
+
+
+def reset(sock):
+    """Close with a reset (RST), as a crashing or aborting program does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def echo_works(port, size=1024):

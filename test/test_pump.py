@@ -13,6 +13,7 @@ import greenlet
 import pytest
 
 import vtunnel
+from helpers import reset
 from vtunnel import Pump
 
 
@@ -87,8 +88,7 @@ def test_a_reset_in_the_middle_resets_the_other_side(pumped):
     client, server, running = pumped
     client.sendall(b"x" * 100_000)
     server.recv(1000)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    server.close()  # RST, with unread bytes
+    reset(server)  # RST, with unread bytes
     pump = running.get(timeout=10)
     assert pump.failure is not None and pump.failure[0] == "right"
     with pytest.raises(ConnectionResetError):

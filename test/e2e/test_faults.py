@@ -18,6 +18,7 @@ from helpers import (
     echo_works,
     exchange,
     free_port,
+    reset,
     sha256,
     socket_dir,
     source_server,
@@ -33,11 +34,18 @@ class Faulty:
 
     def __init__(self, deployment, mode="tcp"):
         self.probe_upstream = echo_server()
+        self.upstreams = [self.probe_upstream]
         self.d = deployment(mode)
         self.probe = self.d.add_tunnel("probe", self.probe_upstream.port)
 
     def add(self, name, **keys):
         return self.d.add_tunnel(name, **keys)
+
+    def add_echo(self, name, **keys):
+        """A tunnel to an echo upstream of its own, stopped with the deployment."""
+        upstream = echo_server()
+        self.upstreams.append(upstream)
+        return self.add(name, upstream_port=upstream.port, **keys)
 
     def start(self):
         self.d.start()
@@ -55,7 +63,8 @@ class Faulty:
             assert after["greenlets"] <= before["greenlets"] and after["fds"] <= before["fds"], (before, after)
 
     def stop(self):
-        self.probe_upstream.stop()
+        for upstream in self.upstreams:
+            upstream.stop()
 
 
 def wait_for_quiet(process, limit=None):
@@ -146,8 +155,7 @@ class ResetAfter(threading.Thread):
         got = 0
         while got < self.after:
             got += len(conn.recv(65536))
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
+        reset(conn)
 
 
 def test_upstream_resets_mid_stream_reaches_the_client_as_a_reset(faulty):
@@ -235,8 +243,7 @@ def big_echo_in_background(port, size):
 @pytest.mark.parametrize("victim", ["host", "peer"])
 def test_end_killed_mid_transfer_then_restarted(faulty, victim):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("echo", upstream_port=echo.port)
+    entry = f.add_echo("echo")
     f.start()
     survivor = f.d.peer if victim == "host" else f.d.host
     thread, result = big_echo_in_background(entry["peer-port"], 400 * 1024 * 1024)
@@ -254,25 +261,21 @@ def test_end_killed_mid_transfer_then_restarted(faulty, victim):
     (f.d.start_host if victim == "host" else f.d.start_peer)()
     wait_until(lambda: echo_works(entry["peer-port"], 100_000), what="the tunnel to serve again")
     f.assert_healthy()
-    echo.stop()
 
 
 # ---------------------------------------------------------------- client faults
 
 def test_client_resets_mid_transfer(faulty):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("echo", upstream_port=echo.port)
+    entry = f.add_echo("echo")
     f.start()
     for _ in range(5):
         sock = socket.create_connection(("127.0.0.1", entry["peer-port"]))
         sock.sendall(os.urandom(2_000_000))
         sock.recv(1000)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()
+        reset(sock)
     f.d.peer.wait_for_log("failed (client: connection reset by peer)")
     f.assert_healthy()
-    echo.stop()
 
 
 def test_client_that_never_reads_stalls_the_upstream_with_bounded_memory(faulty):
@@ -298,8 +301,7 @@ def test_client_that_never_reads_stalls_the_upstream_with_bounded_memory(faulty)
 
 def test_thousands_of_connections_opened_and_abandoned(faulty):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("echo", upstream_port=echo.port)
+    entry = f.add_echo("echo")
     f.start()
     for batch in range(6):
         socks = [socket.create_connection(("127.0.0.1", entry["peer-port"])) for _ in range(400)]
@@ -311,7 +313,6 @@ def test_thousands_of_connections_opened_and_abandoned(faulty):
     f.assert_healthy()
     snap = f.d.peer.snapshot()["echo (peer)"]
     assert snap["total"] == 2400 and snap["open"] == 0
-    echo.stop()
 
 
 def test_descriptor_exhaustion_then_recovery(tmp_path):
@@ -342,8 +343,7 @@ def test_descriptor_exhaustion_then_recovery(tmp_path):
 
 def test_sigterm_lets_open_transfers_finish_and_refuses_new_ones(faulty):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("echo", upstream_port=echo.port)
+    entry = f.add_echo("echo")
     f.start()
     payload = os.urandom(4 * 1024 * 1024)
     result = {}
@@ -370,7 +370,6 @@ def test_sigterm_lets_open_transfers_finish_and_refuses_new_ones(faulty):
     assert sha256(result["got"]) == sha256(payload)
     assert f.d.peer.stop() == 0
     assert "stats echo (peer): 0 open" in f.d.peer.log
-    echo.stop()
 
 
 def test_sigterm_closes_what_outlives_the_grace_period(tmp_path, deployment):
@@ -392,8 +391,7 @@ def test_sigterm_closes_what_outlives_the_grace_period(tmp_path, deployment):
 
 def test_max_connections_queues_clients_in_the_backlog(faulty):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("limited", upstream_port=echo.port, **{"max-connections": 2})
+    entry = f.add_echo("limited", **{"max-connections": 2})
     f.start()
     first = [socket.create_connection(("127.0.0.1", entry["peer-port"]), timeout=10) for _ in range(2)]
     for sock in first:
@@ -411,13 +409,11 @@ def test_max_connections_queues_clients_in_the_backlog(faulty):
     for sock in first[1:] + [waiting]:
         sock.close()
     f.assert_healthy()
-    echo.stop()
 
 
 def test_idle_timeout_closes_quiet_connections_only(faulty):
     f = faulty()
-    echo = echo_server()
-    entry = f.add("idle", upstream_port=echo.port, **{"idle-timeout": 1})
+    entry = f.add_echo("idle", **{"idle-timeout": 1})
     f.start()
     quiet = socket.create_connection(("127.0.0.1", entry["peer-port"]), timeout=10)
     busy = socket.create_connection(("127.0.0.1", entry["peer-port"]), timeout=10)
@@ -435,7 +431,6 @@ def test_idle_timeout_closes_quiet_connections_only(faulty):
     quiet.close()
     busy.close()
     f.assert_healthy()
-    echo.stop()
 
 
 # ---------------------------------------------------------------- bad input on the wire

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from helpers import HttpServer, echo_server, exchange, parse_stats, sha256
+from helpers import HttpServer, echo_server, exchange, parse_stats, reset, sha256
 
 SECONDS = float(os.environ.get("VTUNNEL_SOAK_SECONDS", "60"))
 
@@ -58,8 +58,7 @@ def chaos_client(port, tally, deadline, seed):
                 sock.recv(rng.randrange(1, 1000))
         except OSError:
             pass
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()  # reset, often mid-stream
+        reset(sock)  # often mid-stream
         tally.add(0, 0)
         time.sleep(rng.random() / 20)
 
