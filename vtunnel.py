@@ -855,6 +855,14 @@ def _reason(exc):
     return str(exc) or type(exc).__name__
 
 
+def send_all(sock, data):
+    """sock.sendall(data), cheaper: gevent's sendall asks the kernel for the socket's buffer
+    size on every call, and one send() nearly always takes the whole chunk."""
+    done = sock.send(data)
+    if done < len(data):
+        sock.sendall(memoryview(data)[done:])
+
+
 def abort(sock):
     """Close so that the other end sees a reset, not a clean end of stream.
 
@@ -915,25 +923,27 @@ class Pump:
         return time.monotonic() - self.started
 
     def _copy(self, src, dst, direction):
-        if SPLICE and not self.idle_timeout and isinstance(src, gevent.socket.socket) \
-                and isinstance(dst, gevent.socket.socket):
+        if not self.idle_timeout and splice_pays(src, dst):
             try:
                 return self._splice(src, dst, direction)
             except SpliceUnsupported:
                 pass  # this pair of socket kinds cannot splice: copy through Python instead
-        recv, sendall, sent = src.recv, dst.sendall, self.sent
-        size = SMALL_READ
-        culprit = src
+        send = partial(send_all, dst) if isinstance(dst, gevent.socket.socket) else dst.sendall
+        wait = partial(src._wait, src._read_event) if isinstance(src, gevent.socket.socket) else None
+        sent, size, drained, culprit = self.sent, SMALL_READ, False, src
         try:
             while True:
                 culprit = src
-                data = recv(size) if not self.idle_timeout else self._recv_unless_idle(src, size)
+                # After a short read the kernel's buffer is empty: waiting first spares a recv that
+                # would only fail (one system call and one Python exception per message).
+                data = self._receive(src, size, wait if drained else None)
                 if not data:
                     break
                 culprit = dst
-                sendall(data)
+                send(data)
                 sent[direction] += len(data)
                 self.last_activity = time.monotonic()
+                drained = len(data) < size
                 # recv allocates `size` bytes whatever arrives: small for chatty traffic, large for bulk.
                 if len(data) == size:
                     size = min(size * 4, CHUNK_SIZE)
@@ -945,6 +955,18 @@ class Pump:
             self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
         except OSError as exc:
             self._fail(culprit, exc)
+
+    def _receive(self, src, size, wait=None):
+        """Up to `size` bytes from src, after `wait` (until readable) if given."""
+        while True:
+            try:
+                if wait:
+                    wait()
+                return src.recv(size)
+            except socket.timeout:
+                # A quiet direction is not idle while the other one moves bytes.
+                if not self.idle_timeout or time.monotonic() - self.last_activity >= self.idle_timeout:
+                    raise
 
     def _splice(self, src, dst, direction):
         """Linux: the same copy through a kernel pipe, so the bytes never enter Python."""
@@ -959,12 +981,14 @@ class Pump:
                 if exc.errno == errno.EINVAL:
                     raise SpliceUnsupported() from None
                 raise
+            drained = False
             while True:
                 if moved is None:
                     culprit = src
-                    moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE)
+                    moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE, drained)
                 if not moved:
                     break
+                drained = moved < CHUNK_SIZE  # as in _copy: then wait before trying
                 culprit = dst
                 while moved:
                     try:
@@ -990,15 +1014,6 @@ class Pump:
             for fd in pipe or ():
                 os.close(fd)
 
-    def _recv_unless_idle(self, src, size):
-        # A quiet direction is not idle while the other one moves bytes.
-        while True:
-            try:
-                return src.recv(size)
-            except socket.timeout:
-                if time.monotonic() - self.last_activity >= self.idle_timeout:
-                    raise
-
     def _fail(self, culprit, exc):
         if self.failure is None:
             self.failure = ("left" if culprit is self.left else "right", exc)
@@ -1017,13 +1032,28 @@ class SpliceUnsupported(Exception):
 F_SETPIPE_SZ = 1031
 
 
-def _splice_once(sock, event, fd_in, fd_out, size):
+def splice_pays(src, dst):
+    """Whether to move src -> dst through a kernel pipe rather than through Python.
+
+    Only where a Unix socket is at one end: there splicing carried 20% more
+    with 15% less CPU in the benchmark. Between two TCP sockets it carried no
+    more and cost the machine more CPU than copying (the zero-copy pages make
+    loopback TCP's softirq work harder, which no process is charged for).
+    """
+    return (SPLICE and isinstance(src, gevent.socket.socket) and isinstance(dst, gevent.socket.socket)
+            and socket.AF_UNIX in (src.family, dst.family))
+
+
+def _splice_once(sock, event, fd_in, fd_out, size, wait_first=False):
     """One os.splice of up to `size` bytes, waiting on `sock`'s `event` while it would block."""
+    if wait_first:
+        sock._wait(event)
     while True:
         try:
             return os.splice(fd_in, fd_out, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
-            sock._wait(event)
+            pass
+        sock._wait(event)  # outside the except block: a parked greenlet keeps no exception alive
 
 
 # --------------------------------------------------------------------------
