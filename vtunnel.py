@@ -928,19 +928,22 @@ class Pump:
                 return self._splice(src, dst, direction)
             except SpliceUnsupported:
                 pass  # this pair of socket kinds cannot splice: copy through Python instead
-        send = partial(send_all, dst) if isinstance(dst, gevent.socket.socket) else dst.sendall
-        wait = partial(src._wait, src._read_event) if isinstance(src, gevent.socket.socket) else None
+        waits = isinstance(src, gevent.socket.socket)
+        sends = isinstance(dst, gevent.socket.socket)
         sent, size, drained, culprit = self.sent, SMALL_READ, False, src
         try:
             while True:
                 culprit = src
                 # After a short read the kernel's buffer is empty: waiting first spares a recv that
                 # would only fail (one system call and one Python exception per message).
-                data = self._receive(src, size, wait if drained else None)
+                data = self._receive(src, size, waits and drained)
                 if not data:
                     break
                 culprit = dst
-                send(data)
+                if sends:
+                    send_all(dst, data)
+                else:
+                    dst.sendall(data)
                 sent[direction] += len(data)
                 self.last_activity = time.monotonic()
                 drained = len(data) < size
@@ -956,12 +959,12 @@ class Pump:
         except OSError as exc:
             self._fail(culprit, exc)
 
-    def _receive(self, src, size, wait=None):
-        """Up to `size` bytes from src, after `wait` (until readable) if given."""
+    def _receive(self, src, size, wait_first):
+        """Up to `size` bytes from src (a gevent socket if `wait_first`: wait until it is readable)."""
         while True:
             try:
-                if wait:
-                    wait()
+                if wait_first:
+                    wait_ready(src)
                 return src.recv(size)
             except socket.timeout:
                 # A quiet direction is not idle while the other one moves bytes.
@@ -972,11 +975,11 @@ class Pump:
         """Linux: the same copy through a kernel pipe, so the bytes never enter Python."""
         culprit, pipe = src, None
         try:
-            src._wait(src._read_event)  # gevent's own wait: close() in another greenlet wakes it
+            wait_ready(src)
             pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             fcntl.fcntl(pipe[1], F_SETPIPE_SZ, CHUNK_SIZE)
             try:
-                moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE)
+                moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE)
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     raise SpliceUnsupported() from None
@@ -985,14 +988,14 @@ class Pump:
             while True:
                 if moved is None:
                     culprit = src
-                    moved = _splice_once(src, src._read_event, src.fileno(), pipe[1], CHUNK_SIZE, drained)
+                    moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE, wait_first=drained)
                 if not moved:
                     break
                 drained = moved < CHUNK_SIZE  # as in _copy: then wait before trying
                 culprit = dst
                 while moved:
                     try:
-                        sent = _splice_once(dst, dst._write_event, pipe[0], dst.fileno(), moved)
+                        sent = _splice_once(dst, pipe[0], dst.fileno(), moved, writing=True)
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:
                             raise
@@ -1044,16 +1047,28 @@ def splice_pays(src, dst):
             and socket.AF_UNIX in (src.family, dst.family))
 
 
-def _splice_once(sock, event, fd_in, fd_out, size, wait_first=False):
-    """One os.splice of up to `size` bytes, waiting on `sock`'s `event` while it would block."""
+def _splice_once(sock, fd_in, fd_out, size, wait_first=False, writing=False):
+    """One os.splice of up to `size` bytes, waiting for `sock` while it would block."""
     if wait_first:
-        sock._wait(event)
+        wait_ready(sock, writing)
     while True:
         try:
             return os.splice(fd_in, fd_out, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             pass
-        sock._wait(event)  # outside the except block: a parked greenlet keeps no exception alive
+        wait_ready(sock, writing)  # outside the except block: a parked greenlet keeps no exception alive
+
+
+def wait_ready(sock, writing=False):
+    """Park until a gevent socket is readable (or writable); close() in another greenlet wakes it.
+
+    A socket the pump's other direction has already closed is EBADF, as recv
+    would say: gevent's own complaint is no OSError and would escape the pump.
+    """
+    event = sock._write_event if writing else sock._read_event
+    if event is None:
+        raise OSError(errno.EBADF, "closed by the other direction")
+    sock._wait(event)
 
 
 # --------------------------------------------------------------------------

@@ -203,3 +203,24 @@ def test_only_a_unix_socket_end_is_spliced(pair, pipe_ends):
     client.close()
     server.close()
     assert running.get(timeout=10).sent == [2, 4]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_direction_that_starts_after_the_other_failed_ends_quietly(monkeypatch, path):
+    """The race the descriptor-exhaustion test found: one direction fails and resets both ends
+    while the other is about to wait on them. It must end as a failure, not a crash."""
+    pair, mode = path.split()
+    monkeypatch.setattr(vtunnel, "SPLICE", mode == "splice")
+    client, left = tcp_pair()
+    right, server = tcp_pair() if pair == "tcp-tcp" else unix_pair()
+    pump = Pump(left, right)
+    pump._fail(left, OSError(errno.EMFILE, "Too many open files"))  # what the first direction does
+    pump._copy(right, left, 1)  # the second direction, scheduled before it saw the reset
+    with pytest.raises(OSError) as closed:
+        pump._receive(right, 10, wait_first=True)  # the wait after a short read, on a closed socket
+    assert closed.value.errno == errno.EBADF
+    assert pump.failure[1].errno == errno.EMFILE
+    with pytest.raises(ConnectionResetError):
+        client.recv(10)  # a failure travels as a reset
+    client.close()
+    server.close()
