@@ -1,6 +1,6 @@
 """vtunnel beside socat and beside direct loopback, in one run, against the same upstreams.
 
-    python test/bench/bench.py [--out FILE.md] [--seconds N]
+    python test/bench/bench.py [--out FILE.md] [--seconds N] [--rounds N] [--configs A,B,...]
 
 Every configuration first proves it carries bytes intact (SHA-256 both ways), then is measured:
 bulk throughput each way and over 100 streams (iperf3), 64-byte round trips, new connections per
@@ -183,7 +183,7 @@ def iperf(port, seconds, reverse=False, streams=1):
     return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"], per_stream
 
 
-def rtt(port, count=3000):
+def rtt(port, count=10000):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     message, times = b"x" * 64, []
@@ -267,6 +267,11 @@ def measure_iperf(chain, tools, seconds):
     return row
 
 
+def median_row(rows):
+    return {metric: statistics.median(row[metric] for row in rows) if isinstance(rows[0][metric], float)
+            else rows[0][metric] for metric in rows[0]}
+
+
 def table(results):
     metrics = []
     for row in results.values():
@@ -301,6 +306,7 @@ def main():
     parser.add_argument("--out", help="also write the table as Markdown to this file")
     parser.add_argument("--seconds", type=float, default=4, help="length of each timed run")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report each figure's median")
     args = parser.parse_args()
     tools = ensure_tools()
     for tool, present in tools.items():
@@ -312,24 +318,28 @@ def main():
     iperf_port = free_port()
     iperf_server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
                                     stdout=subprocess.DEVNULL) if tools["iperf3"] else None
-    results = {}
+    names = [name for name in args.configs.split(",") if tools["socat"] or not name.startswith("socat")]
+    rounds = {name: [] for name in names}
     try:
-        for name in args.configs.split(","):
-            if name.startswith("socat") and not tools["socat"]:
-                continue
-            print(f"bench: {name}", file=sys.stderr)
-            chain = Chain(name, [echo_port, iperf_port], tmp)
-            try:
-                results[name] = measure(chain, tools, args.seconds)
-                results[name].update(measure_iperf(chain, tools, args.seconds))
-            finally:
-                chain.stop()
+        # Rounds go through every configuration in turn, so that a noisy minute hurts them all alike.
+        for number in range(1, args.rounds + 1):
+            for name in names:
+                print(f"bench: round {number}/{args.rounds}: {name}", file=sys.stderr)
+                chain = Chain(name, [echo_port, iperf_port], tmp)
+                try:
+                    row = measure(chain, tools, args.seconds)
+                    row.update(measure_iperf(chain, tools, args.seconds))
+                    rounds[name].append(row)
+                finally:
+                    chain.stop()
     finally:
         upstream.kill()
         if iperf_server:
             iperf_server.kill()
+    results = {name: median_row(rows) for name, rows in rounds.items()}
     machine = f"{os.cpu_count()} cores, {os.uname().release}, Python {sys.version.split()[0]}"
-    report = f"vtunnel benchmark on {machine}\n\n{table(results)}\n"
+    median = f", the median of {args.rounds} rounds" if args.rounds > 1 else ""
+    report = f"vtunnel benchmark on {machine}{median}\n\n{table(results)}\n"
     print(report)
     if args.out:
         Path(args.out).write_text(report)
