@@ -74,6 +74,7 @@ VMADDR_CID_HOST = 2
 
 CHUNK_SIZE = 256 * 1024  # the largest read: bulk transfers
 SMALL_READ = 8 * 1024  # the first read of each direction, and the smallest
+READS_PER_TURN = 4  # reads a busy direction makes before other connections get a turn
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 5.0
@@ -930,13 +931,16 @@ class Pump:
                 pass  # this pair of socket kinds cannot splice: copy through Python instead
         waits = isinstance(src, gevent.socket.socket)
         sends = isinstance(dst, gevent.socket.socket)
-        sent, size, drained, culprit = self.sent, SMALL_READ, False, src
+        sent, size, drained, in_a_row, culprit = self.sent, SMALL_READ, False, 0, src
         try:
             while True:
                 culprit = src
                 # After a short read the kernel's buffer is empty: waiting first spares a recv that
-                # would only fail (one system call and one Python exception per message).
-                data = self._receive(src, size, waits and drained)
+                # would only fail (one system call and one Python exception per message). After a
+                # run of full reads, waiting lets the other connections have their turn.
+                wait_first = waits and (drained or in_a_row >= READS_PER_TURN)
+                data = self._receive(src, size, wait_first)
+                in_a_row = 0 if wait_first else in_a_row + 1
                 if not data:
                     break
                 culprit = dst
