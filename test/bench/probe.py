@@ -1,0 +1,153 @@
+"""Probes behind the benchmark's figures: where the time and the memory go.
+
+    python test/bench/probe.py cpu CONFIG [--seconds N] [--reverse]
+        one iperf3 stream through CONFIG: each process's user and system CPU, the machine's
+        softirq and idle, and the machine's busy CPU seconds per GiB
+    python test/bench/probe.py rtt CONFIG,CONFIG,... [--rounds N]
+        64-byte round trips, configurations in turn: p50, p99 and the relays' CPU per round trip
+    python test/bench/probe.py greenlet
+        the memory one greenlet costs while it waits in sock.recv: the floor under every
+        idle connection, which holds two per process
+
+CONFIG is one of bench.py's configurations ("socat -b 262144", "vtunnel tcp", ...).
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench
+
+
+def ticks(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def machine_ticks():
+    return [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+class Upstreams:
+    """The echo server and the iperf3 server every probe dials through its chain."""
+
+    def __enter__(self):
+        self.echo = subprocess.Popen([sys.executable, str(bench.HERE / "upstream.py")], stdout=subprocess.PIPE,
+                                     text=True)
+        self.echo_port = int(self.echo.stdout.readline())
+        self.iperf_port = bench.free_port()
+        self.iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
+                                      stdout=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.echo.kill()
+        self.iperf.kill()
+
+    def chain(self, name):
+        return bench.Chain(name, [self.echo_port, self.iperf_port], tempfile.mkdtemp(prefix="vtprobe"))
+
+
+def probe_cpu(name, seconds, reverse):
+    with Upstreams() as upstreams:
+        chain = upstreams.chain(name)
+        try:
+            client = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p", str(chain.ports[1]), "-t", str(seconds),
+                                       "-J", *(["-R"] if reverse else [])], stdout=subprocess.PIPE, text=True)
+            pids = {"iperf3 server": upstreams.iperf.pid, "iperf3 client": client.pid}
+            pids.update({f"relay {i}": proc.pid for i, proc in enumerate(chain.procs)})
+            time.sleep(1)  # past the start, and measured only while the stream runs
+            before, machine_before, start = {k: ticks(p) for k, p in pids.items()}, machine_ticks(), time.time()
+            time.sleep(seconds - 2)
+            after, machine_after, wall = {k: ticks(p) for k, p in pids.items()}, machine_ticks(), time.time() - start
+            result = json.loads(client.communicate()[0])
+        finally:
+            chain.stop()
+    hz = os.sysconf("SC_CLK_TCK")
+    for key in pids:
+        user, system = ((after[key][i] - before[key][i]) / hz / wall for i in (0, 1))
+        print(f"{key:14} user {user:5.2f}  system {system:5.2f} cores")
+    delta = [b - a for a, b in zip(machine_before, machine_after, strict=True)]
+    cores = os.cpu_count() / sum(delta)
+    print(f"machine        user {delta[0] * cores:5.2f}  system {delta[2] * cores:5.2f}  softirq "
+          f"{delta[6] * cores:5.2f}  idle {delta[3] * cores:5.2f} cores")
+    gbits = result["end"]["sum_received"]["bits_per_second"] / 1e9
+    busy = os.cpu_count() - (delta[3] + delta[4]) * cores
+    print(f"{gbits:.2f} Gbit/s; the machine's busy CPU: {busy / (gbits / 8 * 1e9 / 2**30):.3f} s per GiB")
+
+
+def probe_rtt(names, rounds, count=10000):
+    with Upstreams() as upstreams:
+        for _ in range(rounds):
+            for name in names:
+                chain = upstreams.chain(name)
+                try:
+                    sock = socket.create_connection(("127.0.0.1", chain.port))
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    cpu_before, times = tree_cpu(chain), []
+                    for _ in range(count):
+                        start = time.perf_counter()
+                        sock.sendall(b"x" * 64)
+                        got = 0
+                        while got < 64:
+                            got += len(sock.recv(64 - got))
+                        times.append(time.perf_counter() - start)
+                    cpu = (tree_cpu(chain) - cpu_before) / count * 1e6
+                    sock.close()
+                finally:
+                    chain.stop()
+                times.sort()
+                print(f"{name:18} p50 {times[count // 2] * 1e6:5.0f} µs  p99 {times[count * 99 // 100] * 1e6:5.0f} µs"
+                      f"  relay CPU {cpu:5.1f} µs per round trip", flush=True)
+
+
+def tree_cpu(chain):
+    """CPU seconds of the relays and their live children (socat's forks are reaped only at the end)."""
+    total = 0
+    for pid in chain.pids():
+        try:
+            total += sum(ticks(pid))
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def probe_greenlet(count=2000):
+    import gevent
+    import gevent.socket
+
+    def pss():
+        return int(Path("/proc/self/smaps_rollup").read_text().split("Pss:")[1].split()[0])
+    pairs = [gevent.socket.socketpair() for _ in range(count)]
+    before = pss()
+    waiting = [gevent.spawn(a.recv, 1) for a, _ in pairs]
+    gevent.sleep(0.5)
+    print(f"Python {sys.version.split()[0]}, gevent {gevent.__version__}: one greenlet waiting in sock.recv "
+          f"costs {(pss() - before) / count:.2f} KiB")
+    gevent.killall(waiting)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["cpu", "rtt", "greenlet"])
+    parser.add_argument("configs", nargs="?", default="vtunnel tcp")
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reverse", action="store_true")
+    args = parser.parse_args()
+    if args.probe == "cpu":
+        probe_cpu(args.configs, args.seconds, args.reverse)
+    elif args.probe == "rtt":
+        probe_rtt(args.configs.split(","), args.rounds)
+    else:
+        probe_greenlet()
+
+
+if __name__ == "__main__":
+    main()
