@@ -1042,10 +1042,10 @@ F_SETPIPE_SZ = 1031
 def splice_pays(src, dst):
     """Whether to move src -> dst through a kernel pipe rather than through Python.
 
-    Only where a Unix socket is at one end: there splicing carried 20% more
-    with 15% less CPU in the benchmark. Between two TCP sockets it carried no
-    more and cost the machine more CPU than copying (the zero-copy pages make
-    loopback TCP's softirq work harder, which no process is charged for).
+    Only where a Unix socket is at one end: there splicing carried about 20%
+    more with 15% less CPU in a side-by-side run. Between two TCP sockets it
+    carried no more and cost the machine more CPU than copying (the zero-copy
+    pages make loopback TCP's softirq work harder, charged to no process).
     """
     return (SPLICE and isinstance(src, gevent.socket.socket) and isinstance(dst, gevent.socket.socket)
             and socket.AF_UNIX in (src.family, dst.family))
