@@ -37,6 +37,7 @@ unavailable), 2 bad command line or config.
 
 import collections
 import errno
+import functools
 import gc
 import ipaddress
 import itertools
@@ -237,6 +238,7 @@ def _file_mode(value):
     return int(value, 8)
 
 
+@functools.lru_cache(maxsize=64)  # the upstream's host is asked about at every dial
 def _is_ip(text):
     try:
         ipaddress.ip_address(text)
@@ -807,16 +809,15 @@ def remove_socket_file(path):
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  # a dead peer is found in 2 minutes
 
 
-def tune_socket(sock):
+def tune_tcp(sock):
     """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in KEEPALIVE.items():
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-            except (AttributeError, OSError):
-                pass  # older Windows (and Wine) lack these: the system's keepalive timing applies
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE.items():
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        except (AttributeError, OSError):
+            pass  # older Windows (and Wine) lack these: the system's keepalive timing applies
 
 
 def dial(family, address, timeout):
@@ -829,7 +830,8 @@ def dial(family, address, timeout):
     except BaseException:
         sock.close()
         raise
-    tune_socket(sock)
+    if family in (socket.AF_INET, socket.AF_INET6):
+        tune_tcp(sock)
     return sock
 
 
@@ -839,7 +841,7 @@ def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
         return dial(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout)
     sock = gevent.socket.create_connection((host, port), timeout=timeout)
     sock.settimeout(None)
-    tune_socket(sock)
+    tune_tcp(sock)
     return sock
 
 
@@ -906,6 +908,7 @@ class Pump:
         if idle_timeout:
             left.settimeout(idle_timeout)
             right.settimeout(idle_timeout)
+        self.splices = not idle_timeout and splice_pays(left, right)
 
     def run(self):
         """Pump until both directions have ended or one has failed."""
@@ -924,7 +927,7 @@ class Pump:
         return time.monotonic() - self.started
 
     def _copy(self, src, dst, direction):
-        if not self.idle_timeout and splice_pays(src, dst):
+        if self.splices:
             try:
                 return self._splice(src, dst, direction)
             except SpliceUnsupported:
@@ -1039,16 +1042,16 @@ class SpliceUnsupported(Exception):
 F_SETPIPE_SZ = 1031
 
 
-def splice_pays(src, dst):
-    """Whether to move src -> dst through a kernel pipe rather than through Python.
+def splice_pays(left, right):
+    """Whether to move bytes between two endpoints through kernel pipes rather than through Python.
 
     Only where a Unix socket is at one end: there splicing carried about 20%
     more with 15% less CPU in a side-by-side run. Between two TCP sockets it
     carried no more and cost the machine more CPU than copying (the zero-copy
     pages make loopback TCP's softirq work harder, charged to no process).
     """
-    return (SPLICE and isinstance(src, gevent.socket.socket) and isinstance(dst, gevent.socket.socket)
-            and socket.AF_UNIX in (src.family, dst.family))
+    return (SPLICE and isinstance(left, gevent.socket.socket) and isinstance(right, gevent.socket.socket)
+            and socket.AF_UNIX in (left.family, right.family))
 
 
 def _splice_once(sock, fd_in, fd_out, size, wait_first=False, writing=False):
@@ -1290,7 +1293,8 @@ class Peer:
             sock.close()
 
     def carry(self, tunnel, stats, client, address):
-        tune_socket(client)
+        if isinstance(tunnel.peer, TcpEndpoint):
+            tune_tcp(client)
         source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
         relay(tunnel, stats, next(self.service.connection_ids), client,
               partial(self.transport.connect, tunnel.vsock_host_port), "client", f"from {source}")
