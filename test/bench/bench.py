@@ -174,8 +174,12 @@ def integrity(port):
 
 def iperf(port, seconds, reverse=False, streams=1):
     args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(streams)]
-    done = subprocess.run(args + (["-R"] if reverse else []), capture_output=True, text=True)
-    result = json.loads(done.stdout)
+    for _ in range(20):  # the server takes one test at a time, and may still be ending the last one
+        done = subprocess.run(args + (["-R"] if reverse else []), capture_output=True, text=True)
+        result = json.loads(done.stdout)
+        if "busy" not in result.get("error", ""):
+            break
+        time.sleep(0.5)
     if "error" in result:
         raise RuntimeError(result["error"])
     end = result["end"]
