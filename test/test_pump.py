@@ -224,3 +224,26 @@ def test_a_direction_that_starts_after_the_other_failed_ends_quietly(monkeypatch
         client.recv(10)  # a failure travels as a reset
     client.close()
     server.close()
+
+
+@pytest.mark.parametrize("pair", [tcp_pair, unix_pair], ids=["tcp-tcp", "tcp-unix"])
+def test_idle_timeout_after_traffic_resets_both_ends(pair):
+    """A connection that carried bytes and then fell silent is closed by the idle timeout.
+
+    After a short read the pump waits for readability before it reads. The timeout must fire in that
+    wait too, and it must end as an IdleTimeout failure, passed on as resets.
+    """
+    client, left = tcp_pair()
+    right, server = pair()
+    running = gevent.spawn(Pump(left, right, idle_timeout=0.5).run)
+    client.sendall(b"ping")
+    assert server.recv(4) == b"ping"
+    server.sendall(b"pong")
+    assert client.recv(4) == b"pong"
+    pump = running.get(timeout=10)  # ends by itself once both directions have been idle for 0.5 s
+    assert isinstance(pump.failure[1], vtunnel.IdleTimeout)
+    assert pump.sent == [4, 4]
+    with pytest.raises(ConnectionResetError):
+        client.recv(10)
+    client.close()
+    server.close()
