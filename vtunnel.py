@@ -247,6 +247,11 @@ def _is_ip(text):
     return True
 
 
+def ip_family(host):
+    """The address family of an IP literal (a host name resolves to either)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def parse_host_port(text):
     """'IP:port', '[IPv6]:port' or 'hostname:port' -> (host, port)."""
     bracketed = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
@@ -572,15 +577,8 @@ class HyperVTransport(Transport):
     dial_address = listen_address
 
     def listen(self, port):
-        sock = socket.socket(self.family, socket.SOCK_STREAM, self.protocol)
-        try:
-            self.set_options(sock)
-            sock.bind(self.listen_address(port))
-            sock.listen(LISTEN_BACKLOG)
-        except BaseException:
-            sock.close()
-            raise
-        return ThreadedListener(sock)
+        blocking = partial(socket.socket, proto=self.protocol)  # see the class's docstring
+        return ThreadedListener(listen_socket(self.family, self.listen_address(port), self.set_options, blocking))
 
     def connect(self, port, timeout=CONNECT_TIMEOUT):
         sock = socket.socket(self.family, socket.SOCK_STREAM, self.protocol)
@@ -716,7 +714,7 @@ class TcpTransport(Transport):
 
     def __init__(self, host):
         self.host = host
-        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.family = ip_family(host)
 
     def __str__(self):
         return f"tcp:{self.host}"
@@ -838,7 +836,7 @@ def dial(family, address, timeout):
 def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
     """Dial TCP; IP literals skip the resolver, which costs a threadpool round trip."""
     if _is_ip(host):
-        return dial(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout)
+        return dial(ip_family(host), (host, port), timeout)
     sock = gevent.socket.create_connection((host, port), timeout=timeout)
     sock.settimeout(None)
     tune_tcp(sock)
@@ -1456,9 +1454,9 @@ def read_exactly(sock, size):
     return data
 
 
-def listen_socket(family, address, prepare=None):
-    """A listening gevent socket; `prepare(sock)` runs before the bind."""
-    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+def listen_socket(family, address, prepare=None, new_socket=gevent.socket.socket):
+    """A listening socket (gevent's, unless `new_socket` makes another); `prepare(sock)` runs before the bind."""
+    sock = new_socket(family, socket.SOCK_STREAM)
     try:
         if prepare:
             prepare(sock)
@@ -1476,7 +1474,7 @@ def reuse_address(sock):
 
 
 def listen_tcp(host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = ip_family(host)
     if not _is_ip(host):
         family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
     return listen_socket(family, (host, port), reuse_address)
