@@ -180,12 +180,18 @@ def exchange_on(sock, payload):
 
     sender = threading.Thread(target=send)
     sender.start()
-    chunks = []
-    while data := sock.recv(262144):
-        chunks.append(data)
+    received = read_all(sock)
     sender.join()
     if failure:
         raise failure[0]
+    return received
+
+
+def read_all(stream):
+    """Everything a socket (or a named pipe stream) gives until its end."""
+    chunks = []
+    while data := stream.recv(262144):
+        chunks.append(data)
     return b"".join(chunks)
 
 

@@ -13,7 +13,7 @@ import greenlet
 import pytest
 
 import vtunnel
-from helpers import reset
+from helpers import read_all, reset
 from vtunnel import Pump
 
 
@@ -56,13 +56,6 @@ def pumped(request, monkeypatch):
     running.kill()
     client.close()
     server.close()
-
-
-def read_all(sock):
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def live_greenlets():

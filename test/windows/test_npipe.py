@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from helpers import read_all
+
 pytestmark = [pytest.mark.windows,
               pytest.mark.skipif(sys.platform != "win32", reason="named pipes need Windows (tox -e windows "
                                  "runs this under Wine)")]
@@ -68,13 +70,6 @@ def write_then_close(size):
         server.sent = data
         _winapi.WriteFile(handle, data)
     return serve
-
-
-def read_all(stream):
-    chunks = []
-    while data := stream.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def test_echo_with_checksums_both_ways():
