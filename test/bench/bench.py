@@ -109,7 +109,7 @@ class Chain:
             for pid in os.listdir("/proc"):
                 if pid.isdigit():
                     try:
-                        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                        ppid = int(stat_fields(pid)[1])
                     except (OSError, IndexError):
                         continue
                     if ppid in found:
@@ -120,8 +120,7 @@ class Chain:
         """User+system CPU of the relays, including reaped children (socat's forks)."""
         total = 0
         for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15])
+            total += sum(int(f) for f in stat_fields(proc.pid)[11:15])
         return total / os.sysconf("SC_CLK_TCK")
 
     def pss_kib(self):
@@ -144,12 +143,46 @@ class Chain:
                 proc.kill()
 
 
+class Upstreams:
+    """The echo server and (with iperf3) the iperf3 server that every configuration leads to."""
+
+    def __init__(self, iperf=True):
+        self.tmp = tempfile.mkdtemp(prefix="vtbench")
+        self.echo = subprocess.Popen([sys.executable, str(HERE / "upstream.py")], stdout=subprocess.PIPE,
+                                     text=True)
+        self.echo_port = int(self.echo.stdout.readline())
+        self.iperf_port = free_port()
+        self.iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
+                                      stdout=subprocess.DEVNULL) if iperf else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.echo.kill()
+        if self.iperf:
+            self.iperf.kill()
+
+    def chain(self, name):
+        return Chain(name, [self.echo_port, self.iperf_port], self.tmp)
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command's name: state, ppid, ... (utime is [11])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 # ------------------------------------------------------------------ measurements
+
+def machine_ticks():
+    """The machine's clock ticks since boot: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
+    return [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
 
 def machine_busy_seconds():
     """CPU seconds all cores spent not idle since boot: relays, iperf3 and the kernel's softirq work."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+    ticks = machine_ticks()
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def round_trip_once(port, data):
@@ -316,30 +349,20 @@ def main():
     for tool, present in tools.items():
         if not present:
             print(f"bench: {tool} is missing: its rows are skipped", file=sys.stderr)
-    tmp = tempfile.mkdtemp(prefix="vtbench")
-    upstream = subprocess.Popen([sys.executable, str(HERE / "upstream.py")], stdout=subprocess.PIPE, text=True)
-    echo_port = int(upstream.stdout.readline())
-    iperf_port = free_port()
-    iperf_server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
-                                    stdout=subprocess.DEVNULL) if tools["iperf3"] else None
     names = [name for name in args.configs.split(",") if tools["socat"] or not name.startswith("socat")]
     rounds = {name: [] for name in names}
-    try:
+    with Upstreams(iperf=tools["iperf3"]) as upstreams:
         # Rounds go through every configuration in turn, so that a noisy minute hurts them all alike.
         for number in range(1, args.rounds + 1):
             for name in names:
                 print(f"bench: round {number}/{args.rounds}: {name}", file=sys.stderr)
-                chain = Chain(name, [echo_port, iperf_port], tmp)
+                chain = upstreams.chain(name)
                 try:
                     row = measure(chain, tools, args.seconds)
                     row.update(measure_iperf(chain, tools, args.seconds))
                     rounds[name].append(row)
                 finally:
                     chain.stop()
-    finally:
-        upstream.kill()
-        if iperf_server:
-            iperf_server.kill()
     results = {name: median_row(rows) for name, rows in rounds.items()}
     machine = f"{os.cpu_count()} cores, {os.uname().release}, Python {sys.version.split()[0]}"
     median = f", the median of {args.rounds} rounds" if args.rounds > 1 else ""

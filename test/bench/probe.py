@@ -15,10 +15,8 @@ CONFIG is one of bench.py's configurations ("socat -b 262144", "vtunnel tcp", ..
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,36 +24,13 @@ import bench
 
 
 def ticks(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User and system clock ticks of a process."""
+    fields = bench.stat_fields(pid)
     return int(fields[11]), int(fields[12])
 
 
-def machine_ticks():
-    return [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-
-
-class Upstreams:
-    """The echo server and the iperf3 server every probe dials through its chain."""
-
-    def __enter__(self):
-        self.echo = subprocess.Popen([sys.executable, str(bench.HERE / "upstream.py")], stdout=subprocess.PIPE,
-                                     text=True)
-        self.echo_port = int(self.echo.stdout.readline())
-        self.iperf_port = bench.free_port()
-        self.iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
-                                      stdout=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *exc):
-        self.echo.kill()
-        self.iperf.kill()
-
-    def chain(self, name):
-        return bench.Chain(name, [self.echo_port, self.iperf_port], tempfile.mkdtemp(prefix="vtprobe"))
-
-
 def probe_cpu(name, seconds, reverse):
-    with Upstreams() as upstreams:
+    with bench.Upstreams() as upstreams:
         chain = upstreams.chain(name)
         try:
             client = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p", str(chain.ports[1]), "-t", str(seconds),
@@ -63,9 +38,10 @@ def probe_cpu(name, seconds, reverse):
             pids = {"iperf3 server": upstreams.iperf.pid, "iperf3 client": client.pid}
             pids.update({f"relay {i}": proc.pid for i, proc in enumerate(chain.procs)})
             time.sleep(1)  # past the start, and measured only while the stream runs
-            before, machine_before, start = {k: ticks(p) for k, p in pids.items()}, machine_ticks(), time.time()
+            before, machine_before, start = {k: ticks(p) for k, p in pids.items()}, bench.machine_ticks(), time.time()
             time.sleep(seconds - 2)
-            after, machine_after, wall = {k: ticks(p) for k, p in pids.items()}, machine_ticks(), time.time() - start
+            after, machine_after = {k: ticks(p) for k, p in pids.items()}, bench.machine_ticks()
+            wall = time.time() - start
             result = json.loads(client.communicate()[0])
         finally:
             chain.stop()
@@ -83,36 +59,27 @@ def probe_cpu(name, seconds, reverse):
 
 
 def probe_rtt(names, rounds, count=10000):
-    with Upstreams() as upstreams:
+    with bench.Upstreams() as upstreams:
         for _ in range(rounds):
             for name in names:
                 chain = upstreams.chain(name)
                 try:
-                    sock = socket.create_connection(("127.0.0.1", chain.port))
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    cpu_before, times = tree_cpu(chain), []
-                    for _ in range(count):
-                        start = time.perf_counter()
-                        sock.sendall(b"x" * 64)
-                        got = 0
-                        while got < 64:
-                            got += len(sock.recv(64 - got))
-                        times.append(time.perf_counter() - start)
+                    cpu_before = tree_cpu(chain)
+                    p50, p99 = bench.rtt(chain.port, count)
                     cpu = (tree_cpu(chain) - cpu_before) / count * 1e6
-                    sock.close()
                 finally:
                     chain.stop()
-                times.sort()
-                print(f"{name:18} p50 {times[count // 2] * 1e6:5.0f} µs  p99 {times[count * 99 // 100] * 1e6:5.0f} µs"
-                      f"  relay CPU {cpu:5.1f} µs per round trip", flush=True)
+                print(f"{name:18} p50 {p50:5.0f} µs  p99 {p99:5.0f} µs  relay CPU {cpu:5.1f} µs per round trip",
+                      flush=True)
 
 
 def tree_cpu(chain):
-    """CPU seconds of the relays and their live children (socat's forks are reaped only at the end)."""
+    """CPU seconds of the relays, their live children and the children they have reaped (socat forks one
+    per connection, and bench.rtt's connection has ended by the second reading)."""
     total = 0
     for pid in chain.pids():
         try:
-            total += sum(ticks(pid))
+            total += sum(int(f) for f in bench.stat_fields(pid)[11:15])
         except OSError:
             pass
     return total / os.sysconf("SC_CLK_TCK")
