@@ -36,6 +36,15 @@ def unix_pair():
 PATHS = ["tcp-tcp copy", "tcp-unix splice", "tcp-unix copy"] if vtunnel.SPLICE else ["tcp-tcp copy", "tcp-unix copy"]
 
 
+def ends_on(path, monkeypatch):
+    """client, left, right, server for one of PATHS, with splicing on or off as the path says."""
+    pair, mode = path.split()
+    monkeypatch.setattr(vtunnel, "SPLICE", mode == "splice")
+    client, left = tcp_pair()
+    right, server = tcp_pair() if pair == "tcp-tcp" else unix_pair()
+    return client, left, right, server
+
+
 @pytest.fixture(params=PATHS)
 def pumped(request, monkeypatch):
     """client <-> [left | Pump | right] <-> server; yields (client, server, pump greenlet).
@@ -44,10 +53,7 @@ def pumped(request, monkeypatch):
     through Python), and TCP to a Unix socket, through kernel pipes (splice,
     Linux) and copied.
     """
-    pair, path = request.param.split()
-    monkeypatch.setattr(vtunnel, "SPLICE", path == "splice")
-    client, left = tcp_pair()
-    right, server = tcp_pair() if pair == "tcp-tcp" else unix_pair()
+    client, left, right, server = ends_on(request.param, monkeypatch)
     client.settimeout(20)  # a hang is a failure, not a stuck run
     server.settimeout(20)
     pump = Pump(left, right)
@@ -202,10 +208,7 @@ def test_only_a_unix_socket_end_is_spliced(pair, pipe_ends):
 def test_a_direction_that_starts_after_the_other_failed_ends_quietly(monkeypatch, path):
     """The race the descriptor-exhaustion test found: one direction fails and resets both ends
     while the other is about to wait on them. It must end as a failure, not a crash."""
-    pair, mode = path.split()
-    monkeypatch.setattr(vtunnel, "SPLICE", mode == "splice")
-    client, left = tcp_pair()
-    right, server = tcp_pair() if pair == "tcp-tcp" else unix_pair()
+    client, left, right, server = ends_on(path, monkeypatch)
     pump = Pump(left, right)
     pump._fail(left, OSError(errno.EMFILE, "Too many open files"))  # what the first direction does
     pump._copy(right, left, 1)  # the second direction, scheduled before it saw the reset
