@@ -47,6 +47,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -63,6 +64,9 @@ import greenlet
 import yaml
 
 import vtunnel_npipe
+
+if sys.platform.startswith("linux"):
+    import fcntl  # splice's pipe sizes
 
 __version__ = "0.1.0"
 
@@ -871,7 +875,7 @@ def abort(sock):
     would look like a complete one.
     """
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except (OSError, AttributeError):
         pass
     sock.close()
@@ -883,6 +887,10 @@ def abort(sock):
 
 class IdleTimeout(OSError):
     """No byte moved in either direction for the tunnel's idle-timeout."""
+
+
+class Stopped(OSError):
+    """The process stopped, and its grace period ended, before the connection did."""
 
 
 class Pump:
@@ -900,7 +908,7 @@ class Pump:
     def __init__(self, left, right, idle_timeout=None):
         self.left, self.right = left, right
         self.sent = [0, 0]  # bytes left -> right, right -> left
-        self.failure = None  # (endpoint that failed, exception) of the first error
+        self.failure = None  # ("left", "right" or None for the pump itself, exception) of the first error
         self.started = self.last_activity = time.monotonic()
         self.idle_timeout = idle_timeout
         if idle_timeout:
@@ -909,11 +917,18 @@ class Pump:
         self.splices = not idle_timeout and splice_pays(left, right)
 
     def run(self):
-        """Pump until both directions have ended or one has failed."""
+        """Pump until both directions have ended or one has failed.
+
+        Killed (the process stops and its grace period is over), the pump fails
+        too: a transfer cut short must not reach either side as a clean end.
+        """
         back = gevent.spawn(self._copy, self.right, self.left, 1)
         try:
             self._copy(self.left, self.right, 0)
             back.join()
+        except gevent.GreenletExit:
+            self._fail(None, Stopped(errno.ECONNABORTED, "grace period over"))
+            raise
         finally:
             back.kill(block=False)
             self.left.close()
@@ -925,11 +940,8 @@ class Pump:
         return time.monotonic() - self.started
 
     def _copy(self, src, dst, direction):
-        if self.splices:
-            try:
-                return self._splice(src, dst, direction)
-            except SpliceUnsupported:
-                pass  # this pair of socket kinds cannot splice: copy through Python instead
+        if self.splices and self._splice(src, dst, direction):
+            return
         waits = isinstance(src, gevent.socket.socket)
         sends = isinstance(dst, gevent.socket.socket)
         sent, size, drained, in_a_row, culprit = self.sent, SMALL_READ, False, 0, src
@@ -977,67 +989,67 @@ class Pump:
                     raise
 
     def _splice(self, src, dst, direction):
-        """Linux: the same copy through a kernel pipe, so the bytes never enter Python."""
-        culprit, pipe = src, None
+        """Linux: the same copy through a kernel pipe, so the bytes never enter Python.
+
+        A pipe is borrowed from PIPES only while bytes are in flight and given back once it is
+        empty again, so an idle connection holds none. Returns False where the kernel lends no
+        pipe or will not splice this pair: the caller copies from there on, having lost nothing.
+        """
+        culprit, pipe, drained = src, None, True
         try:
-            wait_ready(src)
-            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            fcntl.fcntl(pipe[1], F_SETPIPE_SZ, CHUNK_SIZE)
-            try:
-                moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    raise SpliceUnsupported() from None
-                raise
-            drained = False
             while True:
-                if moved is None:
-                    culprit = src
-                    moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE, wait_first=drained)
-                if not moved:
+                culprit = src
+                if drained:
+                    wait_ready(src)  # holding no pipe
+                pipe = PIPES.take()
+                if pipe is None:
+                    return False
+                moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE)
+                if not moved:  # the end of src (0), or a socket the kernel cannot splice (None)
                     break
                 drained = moved < CHUNK_SIZE  # as in _copy: then wait before trying
                 culprit = dst
-                while moved:
-                    try:
-                        sent = _splice_once(dst, pipe[0], dst.fileno(), moved, writing=True)
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL:
-                            raise
-                        # dst cannot take a splice: hand over what the pipe holds, then copy.
-                        while moved:
-                            data = os.read(pipe[0], moved)
-                            dst.sendall(data)
-                            moved -= len(data)
-                            self.sent[direction] += len(data)
-                        raise SpliceUnsupported() from None
-                    moved -= sent
-                    self.sent[direction] += sent
-                moved = None
+                spliced = self._empty_pipe(pipe, dst, moved, direction)
+                PIPES.give_back(pipe)
+                pipe = None
+                if not spliced:
+                    return False
+            PIPES.give_back(pipe)
+            pipe = None
+            if moved is None:
+                return False
             culprit = dst
             dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._fail(culprit, exc)
         finally:
-            for fd in pipe or ():
-                os.close(fd)
+            if pipe is not None:
+                PIPES.discard(pipe)  # a failure may have left bytes in it
+        return True
+
+    def _empty_pipe(self, pipe, dst, moved, direction):
+        """Move the `moved` bytes in the pipe to dst; False if dst cannot take a splice (they were copied)."""
+        while moved:
+            sent = _splice_once(dst, pipe[0], dst.fileno(), moved, writing=True)
+            if sent is None:
+                while moved:
+                    data = os.read(pipe[0], moved)
+                    dst.sendall(data)
+                    moved -= len(data)
+                    self.sent[direction] += len(data)
+                return False
+            moved -= sent
+            self.sent[direction] += sent
+        return True
 
     def _fail(self, culprit, exc):
         if self.failure is None:
-            self.failure = ("left" if culprit is self.left else "right", exc)
+            self.failure = ({self.left: "left", self.right: "right"}.get(culprit), exc)
             abort(self.left)
             abort(self.right)
 
 
-if sys.platform.startswith("linux"):
-    import fcntl
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")  # Python 3.10+ on Linux
-
-
-class SpliceUnsupported(Exception):
-    """The kernel cannot splice this kind of socket."""
-
-F_SETPIPE_SZ = 1031
 
 
 def splice_pays(left, right):
@@ -1052,16 +1064,68 @@ def splice_pays(left, right):
             and socket.AF_UNIX in (left.family, right.family))
 
 
-def _splice_once(sock, fd_in, fd_out, size, wait_first=False, writing=False):
-    """One os.splice of up to `size` bytes, waiting for `sock` while it would block."""
-    if wait_first:
-        wait_ready(sock, writing)
+def _splice_once(sock, fd_in, fd_out, size, writing=False):
+    """One os.splice of up to `size` bytes, waiting for `sock` while it would block; None if the
+    kernel cannot splice this kind of socket."""
     while True:
         try:
             return os.splice(fd_in, fd_out, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             pass
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
         wait_ready(sock, writing)  # outside the except block: a parked greenlet keeps no exception alive
+
+
+class PipePool:
+    """The kernel pipes that splicing directions borrow while they have bytes in flight.
+
+    Pipes are kept for reuse up to `keep`; beyond that they are closed when given back. A pipe the
+    kernel will not make (out of descriptors, or a user past fs.pipe-user-pages-soft is refused a
+    larger size) never fails a connection: the direction copies instead, or splices through a pipe
+    of the default size, and the log says so once.
+    """
+
+    def __init__(self, size=CHUNK_SIZE, keep=16):
+        self.size, self.keep = size, keep
+        self.idle = []
+        self.warned = set()
+
+    def take(self):
+        """An empty pipe (read end, write end), or None when the kernel will not make one."""
+        if self.idle:
+            return self.idle.pop()
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self._warn_once("copying instead of splicing while the kernel makes no pipes", exc)
+            return None
+        try:
+            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, self.size)
+        except OSError as exc:
+            self._warn_once(f"splicing through pipes of the default size, not {self.size // 1024} KiB", exc)
+        return pipe
+
+    def give_back(self, pipe):
+        """Return an empty pipe."""
+        if len(self.idle) < self.keep:
+            self.idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    def discard(self, pipe):
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def _warn_once(self, what, exc):
+        if exc.errno not in self.warned:
+            self.warned.add(exc.errno)
+            log.warning("%s: %s (logged once)", what, _reason(exc))
+
+
+PIPES = PipePool()
 
 
 def wait_ready(sock, writing=False):
@@ -1112,22 +1176,36 @@ class Stats:
 
     def __init__(self, label, far_name):
         self.label, self.far_name = label, far_name
-        self.open = self.total = 0
-        self.sent = [0, 0]  # bytes towards the far end, bytes back
+        self.total = 0
+        self.pumps = set()  # of the open connections: their bytes count as they move
+        self.sent_by_closed = [0, 0]  # bytes towards the far end, bytes back
         self.failures = collections.Counter()
 
-    def closed(self, pump, near_name):
-        self.open -= 1
-        self.sent[0] += pump.sent[0]
-        self.sent[1] += pump.sent[1]
+    @property
+    def open(self):
+        return len(self.pumps)
+
+    @property
+    def sent(self):
+        """Bytes towards the far end and back, the open connections' included."""
+        return [self.sent_by_closed[way] + sum(pump.sent[way] for pump in self.pumps) for way in (0, 1)]
+
+    def opened(self, pump):
+        self.pumps.add(pump)
+
+    def ended(self, pump, near_name):
+        self.pumps.discard(pump)
+        self.sent_by_closed[0] += pump.sent[0]
+        self.sent_by_closed[1] += pump.sent[1]
         if pump.failure:
             exc = pump.failure[1]
             self.failures[f"{failed_end(pump, near_name, self.far_name)} {_reason(exc)}"] += 1
 
     def line(self):
         failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
-        return (f"stats {self.label}: {self.open} open, {self.total} total, {self.sent[0]} bytes to "
-                f"{self.far_name}, {self.sent[1]} bytes back, failures: {failures}")
+        sent = self.sent
+        return (f"stats {self.label}: {self.open} open, {self.total} total, {sent[0]} bytes to "
+                f"{self.far_name}, {sent[1]} bytes back, failures: {failures}")
 
 
 class Service:
@@ -1138,6 +1216,7 @@ class Service:
         self.servers = []
         self.greenlets = gevent.pool.Group()
         self.stopping = gevent.event.Event()
+        self.hurry = gevent.event.Event()  # a second stop signal: no more grace
         self.fatal = None
         self.connection_ids = itertools.count(1)
         self.cleanups = []
@@ -1174,7 +1253,6 @@ class Service:
 
     def run(self):
         """Serve until asked to stop; return the exit code."""
-        self._handle_signals()
         if self.stats_interval:
             self.spawn(self._log_stats_every, self.stats_interval)
         self.stopping.wait()
@@ -1187,7 +1265,8 @@ class Service:
         log.info("stopped")
         return EXIT_OK
 
-    def _handle_signals(self):
+    def handle_signals(self):
+        """Take over SIGINT, SIGTERM (stop) and SIGUSR1 (log the counters): before any listener opens."""
         handlers = {signal.SIGINT: self._on_stop_signal, signal.SIGTERM: self._on_stop_signal}
         if hasattr(signal, "SIGUSR1"):
             handlers[signal.SIGUSR1] = lambda signum: self.log_stats()
@@ -1198,9 +1277,14 @@ class Service:
                 signal.signal(signum, lambda number, _frame, h=handler: gevent.spawn(h, number))
 
     def _on_stop_signal(self, signum):
-        log.info("%s: no new connections; open ones have %gs to finish",
-                 signal.Signals(signum).name, self.grace)
-        self.stopping.set()
+        name = signal.Signals(signum).name
+        if not self.stopping.is_set():
+            log.info("%s: no new connections; open ones have %gs to finish (send it again to end them now)",
+                     name, self.grace)
+            self.stopping.set()
+        elif not self.hurry.is_set():
+            log.info("%s again: ending open connections now", name)
+            self.hurry.set()
 
     def log_stats(self):
         for stats in self.stats:
@@ -1213,14 +1297,40 @@ class Service:
             self.log_stats()
 
     def _drain(self):
-        gevent.joinall([gevent.spawn(server.stop, self.grace) for server in self.servers])
+        """Stop accepting; give open connections the grace period, then abort what is left."""
+        for server in self.servers:
+            server.close()
+        finishing = gevent.spawn(lambda: [server.pool.join() for server in self.servers])
+        gevent.wait([finishing, self.hurry], timeout=self.grace, count=1)
+        finishing.kill()
+        for server in self.servers:
+            server.pool.kill(block=True, timeout=1)  # each pump aborts its connection and logs it
         for cleanup in self.cleanups:
             cleanup()
 
 
 def failed_end(pump, near_name, far_name):
     """Which end of a failed pump failed, by name: the near end is the pump's left."""
-    return near_name if pump.failure[0] == "left" else far_name
+    return {"left": near_name, "right": far_name}.get(pump.failure[0], "shutdown")
+
+
+def raise_descriptor_limit():
+    """Lift the soft limit on open files to the hard one, as every Go program does at start.
+
+    Login shells and systemd user units set 1024, and each connection costs two
+    descriptors at each end. Returns the limit now in force (None on Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # an unlimited hard limit can be more than the kernel's nr_open: keep the soft one
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def count_greenlets():
@@ -1245,16 +1355,19 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where):
                     stats.far_name, _reason(exc), near_name)
         abort(near)
         return
-    stats.open += 1
+    pump = Pump(near, far, tunnel.idle_timeout)
+    stats.opened(pump)
     log.info("%s #%d opened %s", tunnel.name, conn_id, where)
-    pump = Pump(near, far, tunnel.idle_timeout).run()
-    stats.closed(pump, near_name)
-    result = "closed"
-    if pump.failure:
-        exc = pump.failure[1]
-        result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)})"
-    log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
-             pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
+    try:
+        pump.run()
+    finally:  # killed at the end of the grace period too: the cut connection is counted and logged
+        stats.ended(pump, near_name)
+        result = "closed"
+        if pump.failure:
+            exc = pump.failure[1]
+            result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)})"
+        log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
+                 pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
 
 class Peer:
@@ -1580,8 +1693,10 @@ def run(args):
     check_transport(tunnels, transport)
     if not args["peer"]:
         check_upstreams(tunnels)
-    log.info("vtunnel %s %s: %d tunnel(s) over %s", __version__,
-             "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport)
+    log.info("vtunnel %s %s: %d tunnel(s) over %s, up to %s open files", __version__,
+             "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport,
+             raise_descriptor_limit() or "unlimited")
+    service.handle_signals()
     for role in roles:
         role.start()
     return service.run()

@@ -311,9 +311,10 @@ def parse_stats(text):
     return found
 
 
-def _limit_files(count):
+def _limit_files(limit):
+    """limit: the most open files, or (soft, hard) limits."""
     import resource  # Unix only: helpers also serve the Windows harness
-    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+    resource.setrlimit(resource.RLIMIT_NOFILE, limit if isinstance(limit, tuple) else (limit, limit))
 
 
 def run_vtunnel(*args, timeout=30):
