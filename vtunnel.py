@@ -86,6 +86,8 @@ HANDSHAKE_TIMEOUT = 5.0
 HANDSHAKE_BACKOFF = (0.25, 3.0)  # first and longest wait between handshake attempts
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Families with no reset, where a close outright is how a vtunnel at the far end tells a failure
+TELLS_CLOSE_FROM_HALF_CLOSE = {getattr(socket, name) for name in ("AF_UNIX", "AF_VSOCK") if hasattr(socket, name)}
 
 
 class UsageError(Exception):
@@ -869,15 +871,20 @@ def send_all(sock, data):
 
 
 def abort(sock):
-    """Close so that the other end sees a reset, not a clean end of stream.
+    """Close so that the other end sees a failure, not a clean end of stream.
 
     A failure must travel as a failure: a FIN after a truncated transfer
-    would look like a complete one.
+    would look like a complete one. On TCP (and Hyper-V) SO_LINGER 0 makes the
+    close a reset. A Unix socket has no reset, and on AF_VSOCK SO_LINGER makes
+    close wait instead (and Python's setsockopt takes only integers there):
+    those close outright, which a vtunnel at the far end tells from a
+    half-close (see closed_outright).
     """
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except (OSError, AttributeError):
-        pass
+    if getattr(sock, "family", None) not in TELLS_CLOSE_FROM_HALF_CLOSE:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError):
+            pass
     sock.close()
 
 
@@ -893,6 +900,31 @@ class Stopped(OSError):
     """The process stopped, and its grace period ended, before the connection did."""
 
 
+class _Failed(Exception):
+    """An error at a named end of the pump."""
+
+    def __init__(self, end, exc):
+        super().__init__(end, exc)
+        self.end, self.exc = end, exc
+
+
+def closed_outright(sock):
+    """After an end of stream: whether the far end closed the socket rather than half-closing it.
+
+    A zero-length send moves no byte, but on a Unix socket or AF_VSOCK it fails
+    with EPIPE once the far end has closed outright (for AF_UNIX the far end's
+    close shuts down our sending side; for AF_VSOCK it sets the peer's receive
+    shutdown). Over TCP it always succeeds: TCP carries resets of its own.
+    """
+    if getattr(sock, "family", None) not in TELLS_CLOSE_FROM_HALF_CLOSE:
+        return False
+    try:
+        sock.send(b"")
+    except OSError:
+        return True
+    return False
+
+
 class Pump:
     """Carries bytes both ways between two connected endpoints.
 
@@ -905,8 +937,10 @@ class Pump:
     stalls the writer on the other side (backpressure), it never grows one.
     """
 
-    def __init__(self, left, right, idle_timeout=None):
+    def __init__(self, left, right, idle_timeout=None, leg=None):
         self.left, self.right = left, right
+        self.leg = leg  # the end that is a tunnel leg (a vtunnel at its far end), if it can tell an abort
+        self.half_closed = set()  # the ends this pump has shut down for writing
         self.sent = [0, 0]  # bytes left -> right, right -> left
         self.failure = None  # ("left", "right" or None for the pump itself, exception) of the first error
         self.started = self.last_activity = time.monotonic()
@@ -969,10 +1003,12 @@ class Pump:
                     size = min(size * 4, CHUNK_SIZE)
                 elif len(data) < size // 16:
                     size = max(size // 4, SMALL_READ)
-            culprit = dst
-            dst.shutdown(socket.SHUT_WR)
+            culprit = src
+            self._pass_end(src, dst)
         except socket.timeout:
             self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
+        except _Failed as failed:
+            self._fail(failed.end, failed.exc)
         except OSError as exc:
             self._fail(culprit, exc)
 
@@ -1018,8 +1054,10 @@ class Pump:
             pipe = None
             if moved is None:
                 return False
-            culprit = dst
-            dst.shutdown(socket.SHUT_WR)
+            culprit = src
+            self._pass_end(src, dst)
+        except _Failed as failed:
+            self._fail(failed.end, failed.exc)
         except OSError as exc:
             self._fail(culprit, exc)
         finally:
@@ -1041,6 +1079,22 @@ class Pump:
             moved -= sent
             self.sent[direction] += sent
         return True
+
+    def _pass_end(self, src, dst):
+        """src has ended: half-close dst, so that the end of stream travels on.
+
+        A tunnel leg's far end is a vtunnel, which half-closes when its side ends
+        cleanly and closes outright only when it fails or dies. Where the kernel
+        cannot carry a reset (Unix sockets, AF_VSOCK), that is how a failure is told
+        from an end of stream, and it is passed on as a failure.
+        """
+        if src is self.leg and src not in self.half_closed and closed_outright(src):
+            raise ConnectionResetError(errno.ECONNRESET, "closed outright: the other end failed")
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _Failed(dst, exc) from None
+        self.half_closed.add(dst)
 
     def _fail(self, culprit, exc):
         if self.failure is None:
@@ -1344,8 +1398,11 @@ def count_descriptors():
         return "unknown"
 
 
-def relay(tunnel, stats, conn_id, near, dial, near_name, where):
-    """Dial the far end for `near`, then pump the two; count and log what happened."""
+def relay(tunnel, stats, conn_id, near, dial, near_name, where, leg_is_near):
+    """Dial the far end for `near`, then pump the two; count and log what happened.
+
+    One of the two is the tunnel leg, whose far end is the other vtunnel.
+    """
     stats.total += 1
     try:
         far = dial(tunnel.connect_timeout)
@@ -1355,7 +1412,7 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where):
                     stats.far_name, _reason(exc), near_name)
         abort(near)
         return
-    pump = Pump(near, far, tunnel.idle_timeout)
+    pump = Pump(near, far, tunnel.idle_timeout, leg=near if leg_is_near else far)
     stats.opened(pump)
     log.info("%s #%d opened %s", tunnel.name, conn_id, where)
     try:
@@ -1408,7 +1465,7 @@ class Peer:
             tune_tcp(client)
         source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
         relay(tunnel, stats, next(self.service.connection_ids), client,
-              partial(self.transport.connect, tunnel.vsock_host_port), "client", f"from {source}")
+              partial(self.transport.connect, tunnel.vsock_host_port), "client", f"from {source}", leg_is_near=False)
 
 
 class Host:
@@ -1483,7 +1540,7 @@ class Host:
 
     def carry(self, tunnel, stats, conn, address):
         relay(tunnel, stats, next(self.service.connection_ids), conn, tunnel.upstream.connect, "peer",
-              f"to {tunnel.upstream}")
+              f"to {tunnel.upstream}", leg_is_near=True)
 
 
 # Windows: the running VMs, as candidates for the handshake
