@@ -1343,7 +1343,8 @@ class Service:
     def log_stats(self):
         for stats in self.stats:
             log.info("%s", stats.line())
-        log.info("process: %d greenlets, %s file descriptors", count_greenlets(), count_descriptors())
+        log.info("process: %d greenlets, %s file descriptors (%d in spare splice pipes)", count_greenlets(),
+                 count_descriptors(), 2 * len(PIPES.idle))
 
     def _log_stats_every(self, interval):
         while True:

@@ -305,9 +305,9 @@ def parse_stats(text):
             label, *numbers, failures = stats.groups()
             found[label] = dict(zip(("open", "total", "to", "back"), map(int, numbers), strict=True))
             found[label]["failures"] = failures
-        process = re.search(r"process: (\d+) greenlets, (\d+) file descriptors", line)
-        if process:
-            found["process"] = {"greenlets": int(process[1]), "fds": int(process[2])}
+        process = re.search(r"process: (\d+) greenlets, (\d+) file descriptors \((\d+) in spare splice pipes", line)
+        if process:  # the pipes kept for reuse are the pump's, not a connection's: not counted as held
+            found["process"] = {"greenlets": int(process[1]), "fds": int(process[2]) - int(process[3])}
     return found
 
 

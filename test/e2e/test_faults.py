@@ -86,12 +86,14 @@ def wait_for_quiet(process, limit=None):
         raise AssertionError(f"{process.args[0]} not quiet: {last.get('snapshot')}, limit {limit}") from None
 
 
-@pytest.fixture
-def faulty(deployment):
+@pytest.fixture(params=["tcp", "unix"])
+def faulty(deployment, request):
+    """Faulty deployments over each transport the tests reach: TCP legs, and Unix-socket legs (which,
+    like AF_VSOCK, carry no reset of their own)."""
     made = []
 
-    def make(mode="tcp"):
-        made.append(Faulty(deployment, mode))
+    def make():
+        made.append(Faulty(deployment, request.param))
         return made[-1]
     yield make
     for f in made:
