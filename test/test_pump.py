@@ -172,17 +172,26 @@ def test_a_kernel_that_refuses_splice_still_gets_every_byte(monkeypatch, refused
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_splice(fd_in, fd_out, count, *args, **kwargs)
     monkeypatch.setattr(os, "splice", splice)
+    pump_tcp_to_unix_both_ways()
+
+
+def pump_tcp_to_unix_both_ways(up_size=3_000_000, down_size=2_000_000):
+    """Random bytes both ways through a pump between TCP and a Unix socket; checks them, returns the pump."""
     client, left = tcp_pair()
     right, server = unix_pair()
     running = gevent.spawn(Pump(left, right).run)
-    up, down = os.urandom(3_000_000), os.urandom(2_000_000)
+    up, down = os.urandom(up_size), os.urandom(down_size)
     readers = [gevent.spawn(read_all, server), gevent.spawn(read_all, client)]
     for sock, data in ((client, up), (server, down)):
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
     gevent.joinall(readers, raise_error=True, timeout=30)
     assert readers[0].value == up and readers[1].value == down
-    assert running.get(timeout=10).sent == [len(up), len(down)]
+    pump = running.get(timeout=10)
+    assert pump.sent == [len(up), len(down)]
+    client.close()
+    server.close()
+    return pump
 
 
 def open_pipe_ends():
@@ -273,20 +282,7 @@ def test_a_kernel_that_lends_no_pipe_never_fails_a_connection(fresh_pipes, monke
             raise OSError(code, os.strerror(code))
         monkeypatch.setattr(os, "pipe2", pipe2)
     for _ in range(3):
-        client, left = tcp_pair()
-        right, server = unix_pair()
-        running = gevent.spawn(Pump(left, right).run)
-        up, down = os.urandom(3_000_000), os.urandom(2_000_000)
-        readers = [gevent.spawn(read_all, server), gevent.spawn(read_all, client)]
-        for sock, data in ((client, up), (server, down)):
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        gevent.joinall(readers, raise_error=True, timeout=30)
-        assert readers[0].value == up and readers[1].value == down
-        pump = running.get(timeout=10)
-        assert pump.failure is None and pump.sent == [len(up), len(down)]
-        client.close()
-        server.close()
+        assert pump_tcp_to_unix_both_ways().failure is None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and os.strerror(code).lower() in warnings[0].lower(), warnings
 

@@ -112,34 +112,39 @@ class SlowReader:
         return got
 
 
-@pytest.mark.parametrize("victim", ["peer", "host"])
-def test_a_transfer_cut_by_the_end_of_the_grace_period_arrives_as_a_failure(deployment, victim):
+@pytest.fixture
+def slow_download(deployment):
+    """A deployment with a 'download' tunnel, and a slow client 1 MiB into a 200 MiB download."""
     source = source_server(DOWNLOAD)
     d = deployment("tcp")
     entry = d.add_tunnel("download", source.port)
     d.start()
     d.wait_ready()
-    try:
-        client = SlowReader(entry["peer-port"])
-        client.wait_for(1 << 20)
-        stopped = getattr(d, victim)
-        start = time.monotonic()
-        stopped.process.send_signal(signal.SIGTERM)  # --grace 2 (the deployment's)
-        got = client.join()
-        assert client.outcome == "ConnectionResetError", f"a cut transfer ended as {client.outcome}"
-        assert len(got) < DOWNLOAD
-        assert stopped.stop() == 0
-        assert 1.5 < time.monotonic() - start < 10
-        log = stopped.log
-        assert "download #1 failed (shutdown: grace period over)" in log
-        far = "host" if victim == "peer" else "upstream"
-        exit_stats = [line for line in log.splitlines() if f"stats download ({victim})" in line][-1]
-        counted = re.search(rf"0 open, 1 total, (\d+) bytes to {far}, (\d+) bytes back, "
-                            r"failures: shutdown grace period over 1", exit_stats)
-        assert counted, exit_stats
-        assert int(counted[2]) >= len(got)  # every byte that reached the client was counted
-    finally:
-        source.stop()
+    client = SlowReader(entry["peer-port"])
+    client.wait_for(1 << 20)
+    yield d, client
+    source.stop()
+
+
+@pytest.mark.parametrize("victim", ["peer", "host"])
+def test_a_transfer_cut_by_the_end_of_the_grace_period_arrives_as_a_failure(slow_download, victim):
+    d, client = slow_download
+    stopped = getattr(d, victim)
+    start = time.monotonic()
+    stopped.process.send_signal(signal.SIGTERM)  # --grace 2 (the deployment's)
+    got = client.join()
+    assert client.outcome == "ConnectionResetError", f"a cut transfer ended as {client.outcome}"
+    assert len(got) < DOWNLOAD
+    assert stopped.stop() == 0
+    assert 1.5 < time.monotonic() - start < 10
+    log = stopped.log
+    assert "download #1 failed (shutdown: grace period over)" in log
+    far = "host" if victim == "peer" else "upstream"
+    exit_stats = [line for line in log.splitlines() if f"stats download ({victim})" in line][-1]
+    counted = re.search(rf"0 open, 1 total, (\d+) bytes to {far}, (\d+) bytes back, "
+                        r"failures: shutdown grace period over 1", exit_stats)
+    assert counted, exit_stats
+    assert int(counted[2]) >= len(got)  # every byte that reached the client was counted
 
 
 def test_idle_connections_are_reset_when_the_grace_period_ends(deployment):
@@ -190,26 +195,17 @@ def test_a_second_stop_signal_ends_the_grace_period_at_once(tmp_path):
         echo.stop()
 
 
-def test_counters_grow_while_a_transfer_runs(deployment):
-    source = source_server(DOWNLOAD)
-    d = deployment("tcp")
-    entry = d.add_tunnel("download", source.port)
-    d.start()
-    d.wait_ready()
-    try:
-        client = SlowReader(entry["peer-port"])
-        client.wait_for(1 << 20)
-        first = d.peer.snapshot()["download (peer)"]
-        client.wait_for(first["back"] + (4 << 20))
-        second = d.peer.snapshot()["download (peer)"]
-        assert first["open"] == second["open"] == 1
-        assert 1 << 20 <= first["back"] < second["back"] <= DOWNLOAD
-        host = d.host.snapshot()["download (host)"]
-        assert host["open"] == 1 and host["back"] >= second["back"]
-        client.sock.shutdown(socket.SHUT_RDWR)
-        client.join()
-    finally:
-        source.stop()
+def test_counters_grow_while_a_transfer_runs(slow_download):
+    d, client = slow_download
+    first = d.peer.snapshot()["download (peer)"]
+    client.wait_for(first["back"] + (4 << 20))
+    second = d.peer.snapshot()["download (peer)"]
+    assert first["open"] == second["open"] == 1
+    assert 1 << 20 <= first["back"] < second["back"] <= DOWNLOAD
+    host = d.host.snapshot()["download (host)"]
+    assert host["open"] == 1 and host["back"] >= second["back"]
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.join()
 
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start(tmp_path):
