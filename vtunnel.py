@@ -900,14 +900,6 @@ class Stopped(OSError):
     """The process stopped, and its grace period ended, before the connection did."""
 
 
-class _Failed(Exception):
-    """An error at a named end of the pump."""
-
-    def __init__(self, end, exc):
-        super().__init__(end, exc)
-        self.end, self.exc = end, exc
-
-
 def closed_outright(sock):
     """After an end of stream: whether the far end closed the socket rather than half-closing it.
 
@@ -1003,12 +995,11 @@ class Pump:
                     size = min(size * 4, CHUNK_SIZE)
                 elif len(data) < size // 16:
                     size = max(size // 4, SMALL_READ)
-            culprit = src
-            self._pass_end(src, dst)
+            self._check_clean_end(src)  # culprit is still src
+            culprit = dst
+            self._half_close(dst)
         except socket.timeout:
             self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
-        except _Failed as failed:
-            self._fail(failed.end, failed.exc)
         except OSError as exc:
             self._fail(culprit, exc)
 
@@ -1054,10 +1045,9 @@ class Pump:
             pipe = None
             if moved is None:
                 return False
-            culprit = src
-            self._pass_end(src, dst)
-        except _Failed as failed:
-            self._fail(failed.end, failed.exc)
+            self._check_clean_end(src)  # culprit is still src
+            culprit = dst
+            self._half_close(dst)
         except OSError as exc:
             self._fail(culprit, exc)
         finally:
@@ -1080,8 +1070,8 @@ class Pump:
             self.sent[direction] += sent
         return True
 
-    def _pass_end(self, src, dst):
-        """src has ended: half-close dst, so that the end of stream travels on.
+    def _check_clean_end(self, src):
+        """src has ended: raise if that end of stream stands for a failure.
 
         A tunnel leg's far end is a vtunnel, which half-closes when its side ends
         cleanly and closes outright only when it fails or dies. Where the kernel
@@ -1090,10 +1080,10 @@ class Pump:
         """
         if src is self.leg and src not in self.half_closed and closed_outright(src):
             raise ConnectionResetError(errno.ECONNRESET, "closed outright: the other end failed")
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise _Failed(dst, exc) from None
+
+    def _half_close(self, dst):
+        """Pass an end of stream on to dst."""
+        dst.shutdown(socket.SHUT_WR)
         self.half_closed.add(dst)
 
     def _fail(self, culprit, exc):

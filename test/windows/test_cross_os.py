@@ -44,6 +44,9 @@ class WineProcess:
     def stop(self):
         self.process.kill()
         subprocess.run(["pkill", "-f", self.marker], check=False)  # the Windows python.exe under wine
+        # pkill only sends the signal: until python.exe is gone, its pipe instances still take clients.
+        wait_until(lambda: subprocess.run(["pgrep", "-f", self.marker], capture_output=True).returncode == 1,
+                   timeout=20, what=f"the Windows process {self.marker} to exit")
         self.process.wait(10)
 
 
