@@ -1,19 +1,22 @@
-"""A named-pipe echo server for the cross-OS tests, run under the Windows Python.
+"""A named-pipe server for the cross-OS tests, run under the Windows Python.
 
-    python pipe_echo_server.py \\\\.\\pipe\\NAME INSTANCES
+    python pipe_echo_server.py \\\\.\\pipe\\NAME INSTANCES [burst BYTES]
 
-Prints "ready", then one line "got BYTES SHA256" per finished client.
+Prints "ready", then per client: echoes every byte and prints "got BYTES SHA256" once the client has
+closed; or, with `burst`, writes BYTES random bytes without reading any, prints "sent BYTES SHA256"
+and closes its end at once (a pipe server that dies mid-reply: pipes have no reset).
 """
 
 import _winapi
 import hashlib
+import os
 import sys
 import threading
 
 PIPE_TYPE_BYTE = PIPE_READMODE_BYTE = 0
 
 
-def serve(name, instances):
+def serve(name, instances, answer):
     while True:
         handle = _winapi.CreateNamedPipe(name, _winapi.PIPE_ACCESS_DUPLEX,
                                          PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | _winapi.PIPE_WAIT,
@@ -23,13 +26,13 @@ def serve(name, instances):
             _winapi.ConnectNamedPipe(handle, False)
         except OSError:
             pass
-        count, hexdigest = echo_until_closed(handle)
+        line = answer(handle)
         _winapi.CloseHandle(handle)
-        print(f"got {count} {hexdigest}", flush=True)
+        print(line, flush=True)
 
 
 def echo_until_closed(handle):
-    """Echo every byte on a blocking pipe handle until the client closes; (bytes, sha256) of them."""
+    """Echo every byte on a blocking pipe handle until the client closes."""
     digest, count = hashlib.sha256(), 0
     try:
         while True:
@@ -41,14 +44,23 @@ def echo_until_closed(handle):
             _winapi.WriteFile(handle, data)
     except OSError:
         pass  # the client closed: the end of the stream
-    return count, digest.hexdigest()
+    return f"got {count} {digest.hexdigest()}"
+
+
+def burst(size):
+    def answer(handle):
+        data = os.urandom(size)
+        _winapi.WriteFile(handle, data)
+        return f"sent {size} {hashlib.sha256(data).hexdigest()}"
+    return answer
 
 
 if __name__ == "__main__":
     name, instances = sys.argv[1], int(sys.argv[2])
+    answer = burst(int(sys.argv[4])) if sys.argv[3:4] == ["burst"] else echo_until_closed
     ready = threading.Event()
     for _ in range(instances):
-        threading.Thread(target=serve, args=(name, instances), daemon=True).start()
+        threading.Thread(target=serve, args=(name, instances, answer), daemon=True).start()
     ready.wait()
     print("ready", flush=True)
     threading.Event().wait()

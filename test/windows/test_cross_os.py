@@ -3,6 +3,7 @@ named-pipe upstream, reached from a real Linux `vtunnel peer`, over the emulated
 (Wine has no AF_HYPERV). Run by `tox -e windows`, which sets VTUNNEL_WINEPY."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Vtunnel, echo_server, sha256, socket_dir, tunnel_entry, wait_until, write_config
+from helpers import (
+    ROOT,
+    Vtunnel,
+    echo_server,
+    read_all,
+    reset,
+    sha256,
+    socket_dir,
+    tunnel_entry,
+    wait_until,
+    write_config,
+)
 
 WINEPY = os.environ.get("VTUNNEL_WINEPY")
 pytestmark = pytest.mark.skipif(not WINEPY or sys.platform == "win32",
@@ -40,6 +52,14 @@ class WineProcess:
     def wait_for(self, text, timeout=60):
         wait_until(lambda: text in self.log or self.process.poll() is not None, timeout, what=repr(text))
         assert text in self.log, self.log
+
+    def wait_for_match(self, pattern, timeout=60):
+        """The first match of the regular expression `pattern` in the output, once there is one."""
+        wait_until(lambda: re.search(pattern, self.log) or self.process.poll() is not None, timeout,
+                   what=repr(pattern))
+        match = re.search(pattern, self.log)
+        assert match, self.log
+        return match
 
     def stop(self):
         self.process.kill()
@@ -128,3 +148,85 @@ def test_a_missing_pipe_is_one_connection_error_and_the_host_keeps_serving(cross
     payload = os.urandom(100_000)
     with socket.create_connection(("127.0.0.1", cross["tcp"]["peer-port"]), timeout=60) as sock:
         assert sha256(round_trip(sock, payload)) == sha256(payload)
+
+
+# ---------------------------------------------------------------- the named-pipe leg of the failure matrix
+# A named pipe has no reset and no half-close: its server closing its end, for whatever reason, is the
+# only end a pipe has. So a failure cannot travel over a pipe leg, in either direction; these tests pin
+# down what each side sees, and that a failure made by the Windows host itself still reaches the Linux
+# client as a reset. (The vsock leg here is the tcp: transport: Wine has no AF_HYPERV.)
+
+BURST = 300_000
+
+
+@pytest.fixture(scope="module")
+def pipe_faults(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe-faults")
+    names = {kind: rf"\\.\pipe\vtunnel-{kind}-{os.getpid()}" for kind in ("echo", "burst")}
+    servers = [WineProcess(ROOT / "test/windows/pipe_echo_server.py", names["echo"], 4,
+                           marker=f"vtunnel-echo-{os.getpid()}"),
+               WineProcess(ROOT / "test/windows/pipe_echo_server.py", names["burst"], 4, "burst", BURST,
+                           marker=f"vtunnel-burst-{os.getpid()}")]
+    upstream = {kind: "npipe://" + name.replace("\\", "/") for kind, name in names.items()}
+    tunnels = [tunnel_entry("pipe-echo", 1, "tcp", upstream=upstream["echo"]),
+               tunnel_entry("pipe-burst", 1, "tcp", upstream=upstream["burst"]),
+               tunnel_entry("pipe-idle", 1, "tcp", upstream=upstream["echo"])]
+    (tmp / "peer").mkdir()
+    peer_config = write_config(tmp / "peer", tunnels)
+    tunnels[2]["idle-timeout"] = 1  # the Windows host's alone: it is the end that fails the connection
+    host_config = write_config(tmp, tunnels)
+    for server in servers:
+        server.wait_for("ready")
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", host_config,
+                       "--vsock", "tcp:127.0.0.1", "--log-level", "debug", marker=str(host_config))
+    peer = Vtunnel("peer", "--config-path", peer_config, "--vsock", "tcp:127.0.0.1", log_dir=tmp)
+    try:
+        for tunnel in tunnels:
+            host.wait_for(f"{tunnel['name']}: listening on")
+        yield {"ports": {t["name"]: t["peer-port"] for t in tunnels}, "host": host, "peer": peer,
+               "echo": servers[0], "burst": servers[1]}
+    finally:
+        print("--- windows host:\n" + host.log + "\n--- linux peer:\n" + peer.log)
+        peer.stop()
+        host.stop()
+        for server in servers:
+            server.stop()
+
+
+def test_a_pipe_server_that_closes_mid_reply_reaches_the_client_as_an_end_of_stream(pipe_faults):
+    with socket.create_connection(("127.0.0.1", pipe_faults["ports"]["pipe-burst"]), timeout=60) as sock:
+        sock.sendall(b"a request the server never reads")
+        what, received = outcome_with_bytes(sock)
+    assert what == "eof"  # a pipe's only end: the client cannot tell it from a complete reply
+    pipe_faults["burst"].wait_for(f"sent {len(received)} {sha256(received)}")  # every byte before it
+
+
+def test_a_linux_client_that_resets_reaches_the_pipe_server_as_its_end(pipe_faults):
+    payload = os.urandom(100_000)
+    with socket.create_connection(("127.0.0.1", pipe_faults["ports"]["pipe-echo"]), timeout=60) as sock:
+        sock.sendall(payload)
+        assert sock.recv(1)  # the echo has started: the pipe server is mid-stream
+        reset(sock)  # with the rest of the echo unread
+    # The pipe server's read ends (its only kind of end): it got a prefix of the upload, every byte of
+    # it, as far as the reset let the bytes in flight through.
+    got = pipe_faults["echo"].wait_for_match(r"got (\d+) (\w+)")
+    count = int(got[1])
+    assert 0 < count <= len(payload) and got[2] == sha256(payload[:count])
+    pipe_faults["peer"].wait_for_log("failed (client: connection reset by peer)")
+
+
+def test_a_connection_the_windows_host_fails_is_reset_at_the_linux_client(pipe_faults):
+    with socket.create_connection(("127.0.0.1", pipe_faults["ports"]["pipe-idle"]), timeout=60) as sock:
+        assert round_trip(sock, b"ping") == b"ping"
+        assert outcome_with_bytes(sock)[0] == "reset"  # the host's idle timeout, 1 s later
+    pipe_faults["host"].wait_for_match(r"pipe-idle #\d+ failed \(peer: idle for 1s\)")
+    wait_until(lambda: re.search(r"pipe-idle #\d+ failed \(host: connection reset by peer\)", pipe_faults["peer"].log),
+               what="the peer's close line")
+
+
+def outcome_with_bytes(sock):
+    """Read to the end: ('eof', the bytes) or ('reset', None)."""
+    try:
+        return "eof", read_all(sock)
+    except ConnectionResetError:
+        return "reset", None
