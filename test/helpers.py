@@ -246,12 +246,14 @@ def socket_dir():
 class Vtunnel:
     """A real `vtunnel` process; its log goes to a file the test can read."""
 
-    def __init__(self, *args, log_dir, max_files=None):
+    def __init__(self, *args, log_dir, max_files=None, prefix=(), launcher=("-m", "vtunnel")):
+        """prefix: a command that runs the vtunnel command line it is given (unshare, for one);
+        launcher: what Python runs, vtunnel itself unless a test says otherwise."""
         self.args = [str(a) for a in args]
         self.log_path = Path(log_dir) / f"vtunnel-{self.args[0]}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
         limit = partial(_limit_files, max_files) if max_files else None
-        self.process = subprocess.Popen([sys.executable, "-m", "vtunnel", *self.args],
+        self.process = subprocess.Popen([*prefix, sys.executable, *launcher, *self.args],
                                         stdout=self.log_file, stderr=subprocess.STDOUT,
                                         cwd=ROOT, preexec_fn=limit)
 
@@ -317,8 +319,8 @@ def _limit_files(limit):
     resource.setrlimit(resource.RLIMIT_NOFILE, limit if isinstance(limit, tuple) else (limit, limit))
 
 
-def run_vtunnel(*args, timeout=30):
+def run_vtunnel(*args, timeout=30, python_options=()):
     """Run vtunnel to completion; returns (exit code, stdout, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "vtunnel", *map(str, args)], capture_output=True,
+    done = subprocess.run([sys.executable, *python_options, "-m", "vtunnel", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
     return done.returncode, done.stdout, done.stderr

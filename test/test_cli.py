@@ -1,6 +1,8 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -32,9 +34,12 @@ def test_check_prints_the_tunnels(tmp_path):
     (["check", "--config-path", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read the config: no such file"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--vsock", "carrier-pigeon"], "--vsock carrier-pigeon"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--log-level", "loud"], "--log-level loud"),
+    (["peer", "--config-path", str(ROOT / "config.yaml"), "--grace", "-1"], "--grace -1: expected a number of seconds"),
+    (["peer", "--config-path", str(ROOT / "config.yaml"), "--stats-interval", "nan"], "--stats-interval nan"),
 ])
-def test_bad_command_lines_exit_2_without_traceback(argv, expected):
-    code, out, err = run_vtunnel(*argv)
+@pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["", "python -O"])
+def test_bad_command_lines_exit_2_without_traceback(argv, expected, optimize):
+    code, out, err = run_vtunnel(*argv, python_options=optimize)
     assert code == 2
     assert err.startswith("vtunnel: ") and expected in err.splitlines()[0]
     assert "Traceback" not in err
@@ -91,3 +96,11 @@ def test_non_loopback_peer_address_is_warned_about(tmp_path):
         assert "WARNING" in peer.log
     finally:
         assert peer.stop() == 0
+
+
+def test_a_gevent_without_the_internals_the_pump_needs_is_one_line_and_exit_1():
+    done = subprocess.run([sys.executable, ROOT / "test/e2e/inject.py", "gevent_moved", "peer", "--config-path",
+                           ROOT / "config.yaml"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("vtunnel: gevent ") and "has no socket._wait, which vtunnel's pump waits with" in \
+        done.stderr and len(done.stderr.splitlines()) == 1

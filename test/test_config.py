@@ -88,6 +88,8 @@ def test_unknown_key_names_its_line():
     ("vsock-host-port", "[1, 2]", "expected an integer, got a list"),
     ("peer-address", '""', "expected a non-empty string"),
     ("peer-address", "not_an:address", "expected an IP address or a host name"),
+    ("peer-address", "999.1.1.1", "expected an IP address or a host name, got '999.1.1.1', which is neither"),
+    ("upstream-server-address", "10.0.0.256:80", "expected an IP address or a host name, got '10.0.0.256', which"),
     ("upstream-server-address", "127.0.0.1", "expected HOST:PORT, got '127.0.0.1'"),
     ("upstream-server-address", "127.0.0.1:0", "expected a TCP port from 1 to 65535 after the colon"),
     ("upstream-server-address", "127.0.0.1:http", "expected a TCP port from 1 to 65535 after the colon"),

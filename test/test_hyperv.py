@@ -128,6 +128,70 @@ def test_a_threaded_recv_times_out_and_close_wakes_it():
         server.stop(0.1)
 
 
+def threaded_pair():
+    """(client ThreadedSocket, the server's end as a plain socket) over FakeHyperV."""
+    transport = FakeHyperV("vm")
+    port = free_port()
+    listener = transport.listen(port)
+    client = transport.connect(port, 5)
+    server_end, _ = listener.sock.accept()
+    listener.close()
+    return client, server_end
+
+
+def test_a_receive_that_times_out_is_resumed_and_every_byte_is_read_once():
+    """The pump retries a receive that timed out (idle-timeout): the thread still blocked in the first
+    recv must hand its bytes to the retry, not drop them while a second thread reads."""
+    client, server_end = threaded_pair()
+    payload = os.urandom(2 * 1024 * 1024)
+    try:
+        client.settimeout(0.1)
+        for _ in range(3):
+            with pytest.raises(socket.timeout):
+                client.recv(65536)
+        threading.Thread(target=lambda: (server_end.sendall(payload), server_end.close()), daemon=True).start()
+        chunks = []
+        while True:
+            try:
+                data = client.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            chunks.append(data)
+        assert hashlib.sha256(b"".join(chunks)).digest() == hashlib.sha256(payload).digest()
+    finally:
+        client.close()
+        server_end.close()
+
+
+def test_a_send_that_times_out_goes_out_before_the_next_one():
+    client, server_end = threaded_pair()
+    first, second = os.urandom(8 * 1024 * 1024), os.urandom(1024)  # first: more than the buffers hold
+    try:
+        client.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            client.sendall(first)  # nobody reads yet
+        received = []
+        reader = threading.Thread(target=lambda: received.append(read_to_end(server_end)), daemon=True)
+        reader.start()
+        client.settimeout(30)
+        client.sendall(second)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(30)
+        assert hashlib.sha256(received[0]).digest() == hashlib.sha256(first + second).digest()
+    finally:
+        client.close()
+        server_end.close()
+
+
+def read_to_end(sock):
+    chunks = []
+    while data := sock.recv(262144):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def test_find_vm_picks_the_vm_whose_peer_answers_the_seed():
     wrong, wrong_port = seed_server(b"x" * len(SEED_PHRASE))
     right, right_port = seed_server()

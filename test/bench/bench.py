@@ -2,6 +2,9 @@
 
     python test/bench/bench.py [--out FILE.md] [--seconds N] [--rounds N] [--configs A,B,...]
 
+A configuration named "vtunnel=PATH tcp" runs the vtunnel.py at PATH (another checkout) instead of
+this one, so a change is measured before and after side by side in one run.
+
 Every configuration first proves it carries bytes intact (SHA-256 both ways), then is measured:
 bulk throughput each way and over 100 streams (iperf3), 64-byte round trips, new connections per
 second (sequential and 50 at once), memory per idle connection (PSS of the relay processes) and CPU
@@ -69,14 +72,16 @@ class Chain:
                         ["socat", *extra, f"TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
                          f"TCP:127.0.0.1:{target},nodelay"], stderr=subprocess.DEVNULL))
         else:
-            config = Path(tmp) / f"{name.replace(' ', '-')}.yaml"
+            config = Path(tmp) / f"config-{len(os.listdir(tmp))}.yaml"
             config.write_text("tunnel:\n" + "".join(
                 f"  - name: bench{i}\n    handshake-port: {free_port()}\n    vsock-host-port: {free_port()}\n"
                 f"    peer-address: 127.0.0.1\n    peer-port: {port}\n"
                 f"    upstream-server-address: 127.0.0.1:{upstream}\n"
                 for i, (port, upstream) in enumerate(zip(self.ports, upstreams, strict=True))))
             common = ["--config-path", str(config), "--log-level", "warning"]
-            cmd = [sys.executable, str(ROOT / "vtunnel.py")]
+            # "vtunnel=PATH tcp" runs another tree's vtunnel.py: a before/after in one run.
+            script = name.split()[0].partition("=")[2] or ROOT / "vtunnel.py"
+            cmd = [sys.executable, str(script)]
             kind = name.split()[1]
             if kind == "local":
                 self.procs.append(subprocess.Popen(cmd + ["local"] + common))
