@@ -32,7 +32,7 @@ def serve(name, instances, answer):
 
 
 def echo_until_closed(handle):
-    """Echo every byte on a blocking pipe handle until the client closes."""
+    """Echo every byte on a blocking pipe handle until the client closes; (bytes, sha256) of them."""
     digest, count = hashlib.sha256(), 0
     try:
         while True:
@@ -44,7 +44,11 @@ def echo_until_closed(handle):
             _winapi.WriteFile(handle, data)
     except OSError:
         pass  # the client closed: the end of the stream
-    return f"got {count} {digest.hexdigest()}"
+    return count, digest.hexdigest()
+
+
+def echo(handle):
+    return "got %d %s" % echo_until_closed(handle)
 
 
 def burst(size):
@@ -57,7 +61,7 @@ def burst(size):
 
 if __name__ == "__main__":
     name, instances = sys.argv[1], int(sys.argv[2])
-    answer = burst(int(sys.argv[4])) if sys.argv[3:4] == ["burst"] else echo_until_closed
+    answer = burst(int(sys.argv[4])) if sys.argv[3:4] == ["burst"] else echo
     ready = threading.Event()
     for _ in range(instances):
         threading.Thread(target=serve, args=(name, instances, answer), daemon=True).start()
