@@ -305,7 +305,7 @@ def parse_upstream(value):
 
 REQUIRED = object()
 KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
-    "name": ("name", _text, REQUIRED),
+    "name": ("name", _text, None),  # the Go vtunnel ignores names, and its configs leave them empty
     "handshake-port": ("handshake_port", _vsock_port, REQUIRED),
     "vsock-host-port": ("vsock_host_port", _vsock_port, REQUIRED),
     "peer-address": ("peer_address", _host, None),
@@ -331,7 +331,12 @@ class _Sequence(list):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that keeps line numbers and refuses duplicate keys."""
+    """SafeLoader that keeps line numbers, and notes duplicate and non-string keys in `problems`
+    (line, text) rather than stopping at the first: every problem of a file is told at once."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.problems = []
 
     def construct_tracked_mapping(self, node):
         mapping = _Mapping()
@@ -340,14 +345,14 @@ class _ConfigLoader(yaml.SafeLoader):
         self.flatten_mapping(node)
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             if not isinstance(key, str):
-                raise yaml.MarkedYAMLError(problem=f"a key must be a string, not {_show(key)}",
-                                           problem_mark=key_node.start_mark)
-            if key in mapping:
-                raise yaml.MarkedYAMLError(problem=f"key {key!r} appears twice",
-                                           problem_mark=key_node.start_mark)
-            mapping[key] = self.construct_object(value_node, deep=True)
-            mapping.key_lines[key] = key_node.start_mark.line + 1
+                self.problems.append((line, f"a key must be a string, not {_show(key)}"))
+            elif key in mapping:
+                self.problems.append((line, f"key {key!r} appears twice (first on line {mapping.key_lines[key]})"))
+            else:
+                mapping[key] = self.construct_object(value_node, deep=True)
+                mapping.key_lines[key] = line
         return mapping
 
     def construct_tracked_sequence(self, node):
@@ -380,8 +385,10 @@ def load_config(path):
 
 
 def parse_config(text, path="<config>"):
+    loader = None
     try:
-        document = yaml.load(text, Loader=_ConfigLoader)
+        loader = _ConfigLoader(text)
+        document = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         raise ConfigError([f"{path}:{mark.line + 1}: not valid YAML: {exc.problem}"]) from None
@@ -390,10 +397,12 @@ def parse_config(text, path="<config>"):
         raise ConfigError([f"{path}:{line}: not valid YAML: character {exc.character!r} is not allowed"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-    errors = []
+    finally:
+        if loader:
+            loader.dispose()
+    errors = [f"{path}:{line}: not valid YAML: {problem}" for line, problem in loader.problems]
     tunnels = _read_document(document, path, errors)
-    if not errors:
-        _check_unique(tunnels, path, errors)
+    _check_unique(tunnels, path, errors)
     if errors:
         raise ConfigError(errors)
     return tunnels
@@ -421,7 +430,10 @@ def _read_tunnel(entry, index, line, path, errors):
     if not isinstance(entry, dict):
         errors.append(f"{path}:{line}: {label}: expected a mapping of tunnel keys, got {_show(entry)}")
         return None
-    if isinstance(entry.get("name"), str) and entry["name"]:
+    if entry.get("name") in ("", None):  # as the Go vtunnel's own configs have them
+        named = _Mapping(entry, name=f"tunnel-{index + 1}")
+        named.line, named.key_lines, entry = line, {"name": line, **entry.key_lines}, named
+    if isinstance(entry["name"], str):
         label = f"tunnel {entry['name']!r}"
     fields, problems = {}, []
     for key in entry:
@@ -438,7 +450,7 @@ def _read_tunnel(entry, index, line, path, errors):
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
     peer = _read_peer(entry, fields, line, problems)
-    errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in problems)
+    errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in sorted(problems))
     if problems:
         return None
     del fields["peer_address"], fields["peer_port"], fields["peer_socket"], fields["peer_socket_mode"]
@@ -1466,8 +1478,15 @@ class Service:
         finishing.kill()
         for server in self.servers:
             server.pool.kill(block=True, timeout=1)  # each pump aborts its connection and logs it
+        self.close()
+
+    def close(self):
+        """Close every listener and remove the socket files this process made."""
+        for server in self.servers:
+            server.close()
         for cleanup in self.cleanups:
             cleanup()
+        self.cleanups.clear()
 
 
 def failed_end(pump, near_name, far_name):
@@ -1494,6 +1513,20 @@ def raise_descriptor_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def describe_socket(sock):
+    """'local -> remote' addresses of a socket, for debug lines (a named pipe: its path)."""
+    try:
+        return f"{_address(sock.getsockname())} -> {_address(sock.getpeername())}"
+    except (OSError, AttributeError):
+        return str(getattr(sock, "path", "?"))
+
+
+def _address(address):
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_host_port(*address[:2])
+    return address.decode(errors="replace") if isinstance(address, bytes) else str(address or "unnamed")
+
+
 def count_greenlets():
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
 
@@ -1511,6 +1544,7 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where, leg_is_near):
     One of the two is the tunnel leg, whose far end is the other vtunnel.
     """
     stats.total += 1
+    dialling = time.monotonic()
     try:
         far = dial(tunnel.connect_timeout)
     except (OSError, gevent.Timeout) as exc:
@@ -1522,6 +1556,10 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where, leg_is_near):
     pump = Pump(near, far, tunnel.idle_timeout, leg=near if leg_is_near else far)
     stats.opened(pump)
     log.info("%s #%d opened %s", tunnel.name, conn_id, where)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s #%d: %s %s, %s %s; dialled in %.3fs; bytes move by %s", tunnel.name, conn_id, near_name,
+                  describe_socket(near), stats.far_name, describe_socket(far), time.monotonic() - dialling,
+                  "splice" if pump.splices else "copy through Python")
     try:
         pump.run()
     finally:  # killed at the end of the grace period too: the cut connection is counted and logged
@@ -1644,6 +1682,8 @@ class Host:
             misses = misses + 1 if problem else 0
             if problem:
                 log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
+            else:
+                log.debug("%s: periodic handshake with %s: answered", tunnel.name, transport)
 
     def carry(self, tunnel, stats, conn, address):
         relay(tunnel, stats, next(self.service.connection_ids), conn, tunnel.upstream.connect, "peer",
@@ -1803,6 +1843,17 @@ def check_upstreams(tunnels):
                                f"{vtunnel_npipe.UNAVAILABLE_REASON}")
 
 
+def config_warnings(tunnels):
+    """What `check` tells beside the table: what peer, host or local would refuse or warn about here."""
+    for tunnel in tunnels:
+        if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
+            yield (f"tunnel {tunnel.name!r}: a host here would refuse upstream {tunnel.upstream}: "
+                   f"{vtunnel_npipe.UNAVAILABLE_REASON}")
+        if not tunnel.peer.is_loopback:
+            yield (f"tunnel {tunnel.name!r}: {tunnel.peer} is not a loopback address: anyone who can reach it "
+                   f"reaches {tunnel.upstream} through the host")
+
+
 def format_table(tunnels):
     rows = [("NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM")]
     rows += [(t.name, str(t.handshake_port), str(t.vsock_host_port), str(t.peer), str(t.upstream))
@@ -1811,12 +1862,16 @@ def format_table(tunnels):
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+COMMANDS = ("peer", "host", "local", "check")
+
+
 def parse_args(argv):
     import docopt
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = docopt.docopt(__doc__, argv=argv, version=f"vtunnel {__version__}")
     except docopt.DocoptExit as exc:
-        raise UsageError(_usage_problem(str(exc))) from None
+        raise UsageError(_usage_problem(argv, str(exc))) from None
     level = args["--log-level"] or "info"
     if level.lower() not in LOG_LEVELS:
         raise UsageError(f"--log-level {level}: expected one of {', '.join(LOG_LEVELS)}")
@@ -1831,17 +1886,31 @@ def _seconds_option(option, text):
     except ValueError:
         seconds = None
     if seconds is None or not 0 <= seconds < 1e9:  # also refuses nan
-        raise UsageError(f"{option} {text}: expected a number of seconds")
+        raise UsageError(f"{option} {text}: expected a number of seconds, 0 or more")
     return seconds
 
 
-def _usage_problem(message):
-    """docopt's complaint, made readable, followed by the usage lines."""
-    first, _, usage = message.partition("\n")
-    unmatched = re.findall(r"\w+\(None, '([^']+)'", first)
-    if unmatched:
-        first = "unexpected or incomplete: " + " ".join(unmatched)
-    return f"bad command line: {first}\n{usage.strip()}"
+def _usage_problem(argv, message):
+    """What is wrong with the command line, in words, followed by the usage lines.
+
+    docopt only says that nothing matched; the usual mistakes are named here.
+    """
+    usage = "Usage:\n" + __doc__.split("Usage:\n", 1)[1].split("\n\n", 1)[0]
+    words = [word for word in argv if not word.startswith("-")]
+    command = words[0] if words else None
+    if not argv:
+        problem = f"say what to run: {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]} (vtunnel --help explains each)"
+    elif command not in COMMANDS and not argv[0].startswith("-"):
+        problem = f"unknown command {command!r}: expected {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]}"
+    elif command in COMMANDS and not any(word.startswith("--config-path") for word in argv):
+        problem = f"vtunnel {command} needs --config-path PATH, the YAML file with the tunnels"
+    elif command != "host" and "--vm-id" in argv:
+        problem = "--vm-id names the VM a Hyper-V host serves: it goes with vtunnel host only"
+    else:
+        first = message.partition("\n")[0]
+        unmatched = re.findall(r"\w+\(None, '([^']+)'", first)
+        problem = "unexpected or incomplete: " + " ".join(unmatched) if unmatched else first
+    return f"bad command line: {problem}\n{usage}"
 
 
 def run(args):
@@ -1850,6 +1919,8 @@ def run(args):
     tunnels = load_config(args["--config-path"])
     if args["check"]:
         print(format_table(tunnels))
+        for warning in config_warnings(tunnels):
+            print(f"vtunnel: warning: {warning}", file=sys.stderr)
         return EXIT_OK
     service = Service(grace=args["--grace"], stats_interval=args["--stats-interval"])
     if args["local"]:
@@ -1858,8 +1929,11 @@ def run(args):
     else:
         transport = parse_transport(args["--vsock"]) if args["--vsock"] else default_transport()
         if args.get("--vm-id"):
-            if not transport.per_vm or not GUID.fullmatch(args["--vm-id"].strip("{}")):
-                raise UsageError(f"--vm-id {args['--vm-id']}: expected a VM GUID, with the hyperv transport")
+            if not GUID.fullmatch(args["--vm-id"].strip("{}")):
+                raise UsageError(f"--vm-id {args['--vm-id']}: expected a VM GUID such as "
+                                 "3f2504e0-4f89-11d3-9a0c-0305e82c3301")
+            if not transport.per_vm:
+                raise UsageError(f"--vm-id picks a Hyper-V VM: it goes with --vsock hyperv, not {transport}")
             transport = transport.for_vm(args["--vm-id"].strip("{}"))
         roles = [(Peer if args["peer"] else Host)(tunnels, transport, service)]
     check_transport(tunnels, transport)
@@ -1869,8 +1943,12 @@ def run(args):
              "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport,
              raise_descriptor_limit() or "unlimited")
     service.handle_signals()
-    for role in roles:
-        role.start()
+    try:
+        for role in roles:
+            role.start()
+    except StartupError:
+        service.close()  # what did start is closed, and its socket files are removed
+        raise
     return service.run()
 
 

@@ -1,12 +1,14 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
+import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, Vtunnel, free_port, run_vtunnel, socket_dir, tunnel_entry, write_config
+from helpers import ROOT, Vtunnel, echo_server, free_port, run_vtunnel, socket_dir, tunnel_entry, write_config
 
 
 @pytest.fixture
@@ -28,13 +30,39 @@ def test_check_prints_the_tunnels(tmp_path):
     assert "tcpTunnel" in out and "127.0.0.1:3030" in out
 
 
+GUID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+
+
+def test_check_warns_about_what_the_ends_would_refuse_or_warn_about_here(tmp_path):
+    piped = tunnel_entry("piped", 1, upstream="npipe:////./pipe/docker_engine")
+    exposed = tunnel_entry("exposed", 1)
+    exposed["peer-address"] = "0.0.0.0"
+    code, out, err = run_vtunnel("check", "--config-path", write_config(tmp_path, [piped, exposed]))
+    assert code == 0 and "piped" in out and "exposed" in out
+    assert err.splitlines() == [
+        "vtunnel: warning: tunnel 'piped': a host here would refuse upstream npipe:////./pipe/docker_engine: "
+        f"named-pipe upstreams need Windows; this is {sys.platform}",
+        f"vtunnel: warning: tunnel 'exposed': 0.0.0.0:{exposed['peer-port']} is not a loopback address: anyone "
+        "who can reach it reaches 127.0.0.1:1 through the host",
+    ]
+
+
 @pytest.mark.parametrize("argv,expected", [
-    (["peer"], "bad command line"),
+    ([], "bad command line: say what to run: peer, host, local or check (vtunnel --help explains each)"),
+    (["peer"], "bad command line: vtunnel peer needs --config-path PATH"),
+    (["check"], "bad command line: vtunnel check needs --config-path PATH"),
+    (["frob", "--config-path", "x"], "bad command line: unknown command 'frob': expected peer, host, local or check"),
+    (["peer", "--config-path", "x", "--vm-id", GUID], "--vm-id names the VM a Hyper-V host serves: it goes with "
+                                                       "vtunnel host only"),
+    (["host", "--config-path", str(ROOT / "config.yaml"), "--vsock", "tcp:127.0.0.1", "--vm-id", GUID],
+     "--vm-id picks a Hyper-V VM: it goes with --vsock hyperv, not tcp:127.0.0.1"),
+    (["host", "--config-path", str(ROOT / "config.yaml"), "--vm-id", "xyz"], "--vm-id xyz: expected a VM GUID"),
     (["peer", "--config-path", "x", "--frob"], "bad command line: unexpected or incomplete: --frob"),
     (["check", "--config-path", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read the config: no such file"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--vsock", "carrier-pigeon"], "--vsock carrier-pigeon"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--log-level", "loud"], "--log-level loud"),
-    (["peer", "--config-path", str(ROOT / "config.yaml"), "--grace", "-1"], "--grace -1: expected a number of seconds"),
+    (["peer", "--config-path", str(ROOT / "config.yaml"), "--grace", "-1"],
+     "--grace -1: expected a number of seconds, 0 or more"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--stats-interval", "nan"], "--stats-interval nan"),
 ])
 @pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["", "python -O"])
@@ -43,6 +71,8 @@ def test_bad_command_lines_exit_2_without_traceback(argv, expected, optimize):
     assert code == 2
     assert err.startswith("vtunnel: ") and expected in err.splitlines()[0]
     assert "Traceback" not in err
+    if "bad command line" in err:  # then the usage, as --help shows it
+        assert err.splitlines()[1:3] == ["Usage:", "  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [options]"]
 
 
 def test_bad_config_lists_every_error_and_exits_2(tmp_path):
@@ -63,11 +93,13 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):
         taken.listen(1)
         entry = tunnel_entry("t", 1, "unix", peer_port=taken.getsockname()[1])
         config = write_config(tmp_path, [entry])
-        code, out, err = run_vtunnel("peer", "--config-path", config, "--vsock", f"unix:{socket_dir()}/v")
+        sockets = socket_dir()
+        code, out, err = run_vtunnel("peer", "--config-path", config, "--vsock", f"unix:{sockets}/v")
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("vtunnel: ")]
     assert errors == [f"vtunnel: tunnel 't': cannot listen on 127.0.0.1:{entry['peer-port']}: address already in use"]
     assert err.splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert os.listdir(sockets) == []  # the handshake socket it had opened is gone with it
 
 
 def test_named_pipe_upstream_on_linux_is_refused_clearly(tmp_path):
@@ -104,3 +136,31 @@ def test_a_gevent_without_the_internals_the_pump_needs_is_one_line_and_exit_1():
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("vtunnel: gevent ") and "has no socket._wait, which vtunnel's pump waits with" in \
         done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_debug_logging_explains_each_connection(tmp_path):
+    """Which addresses each leg joins, how long the dial took, and whether bytes are spliced or copied."""
+    upstream = echo_server()
+    sockets = socket_dir()
+    entry = tunnel_entry("t", upstream.port)
+    del entry["peer-address"], entry["peer-port"]
+    entry["peer-socket"] = f"{sockets}/t.sock"
+    vtunnel = Vtunnel("local", "--config-path", write_config(tmp_path, [entry]), "--log-level", "debug",
+                      log_dir=tmp_path)
+    try:
+        vtunnel.wait_for_log("t: listening on tcp:127.0.0.1")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(entry["peer-socket"])
+            sock.sendall(b"hello")
+            assert sock.recv(5) == b"hello"
+        vtunnel.wait_for_log("#2 closed")
+        log = vtunnel.log
+        leg = entry["vsock-host-port"]
+        assert re.search(rf"DEBUG t #1: client {sockets}/t.sock -> unnamed, host 127.0.0.1:\d+ -> 127.0.0.1:{leg}; "
+                         r"dialled in \d\.\d{3}s; bytes move by splice", log), log
+        assert re.search(rf"DEBUG t #2: peer 127.0.0.1:{leg} -> 127.0.0.1:\d+, upstream 127.0.0.1:\d+ -> "
+                         rf"127.0.0.1:{upstream.port}; dialled in .*; bytes move by copy through Python", log), log
+    finally:
+        vtunnel.stop()
+        upstream.stop()

@@ -58,6 +58,64 @@ def test_the_go_vtunnel_readme_config_loads():
     assert str(pipe.upstream) == "npipe:////./pipe/my-upstream-server"
 
 
+GO_E2E = """\
+tunnel:
+    - name: ""
+      handshake-port: 9090
+      vsock-host-port: 8989
+      peer-address: 127.0.0.1
+      peer-port: 3030
+      upstream-server-address: 127.0.0.1:50123
+    - name: ""
+      handshake-port: 9091
+      vsock-host-port: 9999
+      peer-address: 127.0.0.1
+      peer-port: 4040
+      upstream-server-address: 127.0.0.1:50124
+"""
+
+
+def test_a_config_written_by_the_go_vtunnels_own_test_loads_with_generated_names():
+    """Its e2e test marshals config.Tunnel with yaml.v3 and never sets a name (the Go program ignores it)."""
+    first, second = parse_config(GO_E2E, "c.yaml")
+    assert (first.name, first.handshake_port, first.peer) == ("tunnel-1", 9090, TcpEndpoint("127.0.0.1", 3030))
+    assert (second.name, second.upstream) == ("tunnel-2", TcpEndpoint("127.0.0.1", 50124))
+    without = GO_E2E.replace('    - name: ""\n      handshake-port: 9091', "    - handshake-port: 9091")
+    assert [t.name for t in parse_config(without, "c.yaml")] == ["tunnel-1", "tunnel-2"]
+
+
+def test_every_problem_of_a_file_is_told_at_once():
+    """A duplicate YAML key, a bad value, an unknown key and a port used twice: all four at once."""
+    text = (
+        "tunnel:\n"
+        "    - name: ''\n"
+        "      handshake-port: 9090\n"
+        "      vsock-host-port: 8989\n"
+        "      vsock-host-port: 1\n"
+        "      peer-address: 127.0.0.1\n"
+        "      peer-port: 99999\n"
+        "      upstream-server-address: 127.0.0.1:50123\n"
+        "      colour: red\n"
+        "    - handshake-port: 9091\n"
+        "      vsock-host-port: 9999\n"
+        "      peer-address: 127.0.0.1\n"
+        "      peer-port: 4040\n"
+        "      upstream-server-address: 127.0.0.1:50124\n"
+        "    - name: third\n"
+        "      handshake-port: 9091\n"
+        "      vsock-host-port: 9998\n"
+        "      peer-address: 127.0.0.1\n"
+        "      peer-port: 4041\n"
+        "      upstream-server-address: 127.0.0.1:50125\n"
+    )
+    assert errors_of(text) == [
+        "c.yaml:5: not valid YAML: key 'vsock-host-port' appears twice (first on line 4)",
+        "c.yaml:7: tunnel 'tunnel-1': key 'peer-port': expected a TCP port from 1 to 65535, got 99999",
+        "c.yaml:9: tunnel 'tunnel-1': unknown key 'colour': expected one of " + ", ".join(vtunnel.KEYS),
+        "c.yaml:15: tunnel 'third': handshake-port 9091 is already used by tunnel 'tunnel-2' (line 10)",
+    ]
+
+
 def test_the_shipped_config_is_valid():
     tunnels = vtunnel.load_config(ROOT / "config.yaml")
     assert tunnels and all(t.peer.is_loopback for t in tunnels)
@@ -98,7 +156,7 @@ def test_unknown_key_names_its_line():
     ("upstream-server-address", "npipe://pipe", "expected npipe:////./pipe/NAME"),
     ("upstream-server-address", "http://x:1", "expected HOST:PORT, [IPv6]:PORT, unix:///PATH or npipe:////./pipe/NAME"),
     ("upstream-server-address", "{a: 1}", "expected a non-empty string, got a mapping"),
-    ("name", "~", "expected a non-empty string, got nothing"),
+    ("name", "[a]", "expected a non-empty string, got a list"),
 ])
 def test_bad_values_name_key_line_and_expectation(key, value, expected):
     error = one_error(with_key(key, value))
