@@ -15,6 +15,11 @@ wpy() { wine "$W/py312/python.exe" "$@" </dev/null 2>&1 | cat; return "${PIPESTA
 setup() {
   mkdir -p "$W/dl"
   if ! command -v wine >/dev/null; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+      say "skipped: needs wine (as root on Debian or Ubuntu this script installs wine and wine64 itself;"
+      say "or install them, then run tox -e windows)"
+      exit 0
+    fi
     say "installing wine (64-bit only)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wine wine64 >/dev/null
