@@ -1369,6 +1369,39 @@ class Stats:
                 f"{self.far_name}, {sent[1]} bytes back, failures: {failures}")
 
 
+class ConnectionIds:
+    """Numbers connections for the log. In `local` both ends are in one process, and the host's
+    end of a tunnel leg takes the number of the client the peer dialled it for: one client, one
+    number, at both ends. (Between two processes nothing on the wire could carry it.)"""
+
+    def __init__(self):
+        self.numbers = itertools.count(1)
+        self.legs = None  # in `local`: a leg's address at the peer -> the client's number, once known
+
+    def share_between_ends(self):
+        self.legs = {}
+
+    def new(self):
+        return next(self.numbers)
+
+    def dialled(self, leg, number):
+        """The peer dialled `leg` for client `number`."""
+        if self.legs is not None:
+            self.legs.setdefault(leg.getsockname(), gevent.event.AsyncResult()).set(number)
+
+    def accepted(self, address):
+        """The number for a leg the host accepted from `address`: its client's, where known."""
+        if self.legs is None:
+            return self.new()
+        slot = self.legs.setdefault(address, gevent.event.AsyncResult())
+        try:  # the peer's greenlet may not have run since its connect returned
+            return slot.get(timeout=1)
+        except gevent.Timeout:
+            return self.new()
+        finally:
+            self.legs.pop(address, None)
+
+
 class Service:
     """Holds the servers of one process, and stops them on a signal or a fatal error."""
 
@@ -1379,7 +1412,7 @@ class Service:
         self.stopping = gevent.event.Event()
         self.hurry = gevent.event.Event()  # a second stop signal: no more grace
         self.fatal = None
-        self.connection_ids = itertools.count(1)
+        self.connection_ids = ConnectionIds()
         self.cleanups = []
         self.stats = []
 
@@ -1609,8 +1642,13 @@ class Peer:
         if isinstance(tunnel.peer, TcpEndpoint):
             tune_tcp(client)
         source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
-        relay(tunnel, stats, next(self.service.connection_ids), client,
-              partial(self.transport.connect, tunnel.vsock_host_port), "client", f"from {source}", leg_is_near=False)
+        number = self.service.connection_ids.new()
+
+        def dial(timeout):
+            leg = self.transport.connect(tunnel.vsock_host_port, timeout)
+            self.service.connection_ids.dialled(leg, number)
+            return leg
+        relay(tunnel, stats, number, client, dial, "client", f"from {source}", leg_is_near=False)
 
 
 class Host:
@@ -1686,7 +1724,7 @@ class Host:
                 log.debug("%s: periodic handshake with %s: answered", tunnel.name, transport)
 
     def carry(self, tunnel, stats, conn, address):
-        relay(tunnel, stats, next(self.service.connection_ids), conn, tunnel.upstream.connect, "peer",
+        relay(tunnel, stats, self.service.connection_ids.accepted(address), conn, tunnel.upstream.connect, "peer",
               f"to {tunnel.upstream}", leg_is_near=True)
 
 
@@ -1925,6 +1963,7 @@ def run(args):
     service = Service(grace=args["--grace"], stats_interval=args["--stats-interval"])
     if args["local"]:
         transport = TcpTransport("127.0.0.1")
+        service.connection_ids.share_between_ends()
         roles = [Peer(tunnels, transport, service), Host(tunnels, transport, service)]
     else:
         transport = parse_transport(args["--vsock"]) if args["--vsock"] else default_transport()

@@ -8,7 +8,17 @@ import sys
 
 import pytest
 
-from helpers import ROOT, Vtunnel, echo_server, free_port, run_vtunnel, socket_dir, tunnel_entry, write_config
+from helpers import (
+    ROOT,
+    Vtunnel,
+    echo_server,
+    free_port,
+    run_vtunnel,
+    socket_dir,
+    tunnel_entry,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -138,8 +148,9 @@ def test_a_gevent_without_the_internals_the_pump_needs_is_one_line_and_exit_1():
         done.stderr and len(done.stderr.splitlines()) == 1
 
 
-def test_debug_logging_explains_each_connection(tmp_path):
-    """Which addresses each leg joins, how long the dial took, and whether bytes are spliced or copied."""
+def test_debug_logging_explains_each_connection_and_local_numbers_a_client_once(tmp_path):
+    """Which addresses each leg joins, how long the dial took, and whether bytes are spliced or copied;
+    in `local`, the peer's and the host's lines of one client carry one number."""
     upstream = echo_server()
     sockets = socket_dir()
     entry = tunnel_entry("t", upstream.port)
@@ -154,12 +165,13 @@ def test_debug_logging_explains_each_connection(tmp_path):
             sock.connect(entry["peer-socket"])
             sock.sendall(b"hello")
             assert sock.recv(5) == b"hello"
-        vtunnel.wait_for_log("#2 closed")
+        wait_until(lambda: vtunnel.log.count("t #1 closed") == 2, what="both ends' close lines")
         log = vtunnel.log
+        assert "t #1 opened from unix://" in log and "t #1 opened to 127.0.0.1:" in log and "#2" not in log
         leg = entry["vsock-host-port"]
         assert re.search(rf"DEBUG t #1: client {sockets}/t.sock -> unnamed, host 127.0.0.1:\d+ -> 127.0.0.1:{leg}; "
                          r"dialled in \d\.\d{3}s; bytes move by splice", log), log
-        assert re.search(rf"DEBUG t #2: peer 127.0.0.1:{leg} -> 127.0.0.1:\d+, upstream 127.0.0.1:\d+ -> "
+        assert re.search(rf"DEBUG t #1: peer 127.0.0.1:{leg} -> 127.0.0.1:\d+, upstream 127.0.0.1:\d+ -> "
                          rf"127.0.0.1:{upstream.port}; dialled in .*; bytes move by copy through Python", log), log
     finally:
         vtunnel.stop()
