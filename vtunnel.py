@@ -35,6 +35,25 @@ Exit codes: 0 stopped cleanly, 1 could not run (port in use, transport
 unavailable), 2 bad command line or config.
 """
 
+# The map. The docstring above is the --help text; this is for the reader. Each section uses only
+# those above it, and owns one thing:
+#
+#   1. Constants and errors      the seed phrase, sizes, timeouts, exit codes; UsageError, StartupError
+#   2. Config                    the YAML file -> Tunnel records; every problem told at once, with line
+#   3. Sockets                   listen and dial (TCP, Unix), name lookups (Resolver), tune_tcp, abort
+#   4. Endpoints, transports     Endpoint: where one side of a connection is. TcpEndpoint, UnixEndpoint,
+#                                PipeEndpoint, and VsockEndpoint, a port of a Transport (vsock, tcp:, unix:)
+#   5. Hyper-V                   HyperVTransport: the Windows host's vsock, blocking sockets in threads
+#   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux
+#   7. Servers and the service   accept loops, counters (Stats), signals, the grace period, the exit code
+#   8. Peer and host             the two roles; relay() dials the far end for each connection and pumps
+#   9. Finding the VM            Windows: every running VM is handshaked at once
+#  10. Command line              parse_args, run, main
+#
+# A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
+# family subclasses Transport (family, listen_address, dial_address). The pump asks of a stream only
+# recv, sendall, shutdown, settimeout and close (and splices between gevent sockets on Linux).
+
 import collections
 import errno
 import functools
@@ -72,11 +91,15 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("vtunnel")
 
+
+# --------------------------------------------------------------------------
+# 1. Constants and errors
+# --------------------------------------------------------------------------
+
 SEED_PHRASE = b"github.com/rancher-sandbox/rancher-desktop-vtunnel"
 HYPERV_SERVICE_TEMPLATE = "{port:08X}-FACB-11E6-BD58-64006A7986D3"
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_HOST = 2
-
 CHUNK_SIZE = 256 * 1024  # the largest read: bulk transfers
 SMALL_READ = 8 * 1024  # the first read of each direction, and the smallest
 READS_PER_TURN = 4  # reads a busy direction makes before other connections get a turn
@@ -84,10 +107,10 @@ LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 5.0
 HANDSHAKE_BACKOFF = (0.25, 3.0)  # first and longest wait between handshake attempts
-
+PEER_CHECK_INTERVAL = 10.0  # seconds between the handshakes that notice a VM has gone
+ACCEPT_PAUSE = 0.5  # seconds an accept loop rests when the process is out of file descriptors
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-# Families with no reset, where a close outright is how a vtunnel at the far end tells a failure
-TELLS_CLOSE_FROM_HALF_CLOSE = {getattr(socket, name) for name in ("AF_UNIX", "AF_VSOCK") if hasattr(socket, name)}
 
 
 class UsageError(Exception):
@@ -98,10 +121,6 @@ class StartupError(Exception):
     """The environment refuses to run us: port taken, transport missing (exit 1)."""
 
 
-# --------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------
-
 class ConfigError(UsageError):
     """Everything wrong with a config, one line per problem."""
 
@@ -110,58 +129,9 @@ class ConfigError(UsageError):
         super().__init__("\n".join(self.errors))
 
 
-@dataclass(frozen=True)
-class TcpEndpoint:
-    """A TCP address: where the peer listens, or an upstream the host dials."""
-    host: str
-    port: int
-
-    def __str__(self):
-        return format_host_port(self.host, self.port)
-
-    @property
-    def is_loopback(self):
-        return is_loopback(self.host)
-
-    def listen(self):
-        return listen_tcp(self.host, self.port)
-
-    def connect(self, timeout):
-        return connect_tcp(self.host, self.port, timeout)
-
-
-@dataclass(frozen=True)
-class UnixEndpoint:
-    """A Unix socket: where the peer listens (peer-socket), or an upstream (unix:///path)."""
-    path: str
-    mode: int = 0o600
-
-    def __str__(self):
-        return "unix://" + self.path
-
-    is_loopback = True  # only processes on this machine, within the file's permissions
-
-    def listen(self):
-        return listen_unix(self.path, self.mode)
-
-    def connect(self, timeout):
-        return connect_unix(self.path, timeout)
-
-    def close_listener(self):
-        remove_socket_file(self.path)
-
-
-@dataclass(frozen=True)
-class PipeEndpoint:
-    """A Windows named pipe upstream, npipe:////./pipe/NAME."""
-    path: str  # Windows form: \\.\pipe\NAME
-
-    def __str__(self):
-        return "npipe://" + self.path.replace("\\", "/")
-
-    def connect(self, timeout):
-        return vtunnel_npipe.connect(self.path, timeout)
-
+# --------------------------------------------------------------------------
+# 2. Config: the YAML file, checked whole before anything opens
+# --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Tunnel:
@@ -263,6 +233,15 @@ def ip_family(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_host_port(text):
     """'IP:port', '[IPv6]:port' or 'hostname:port' -> (host, port)."""
     bracketed = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
@@ -304,6 +283,8 @@ def parse_upstream(value):
 
 
 REQUIRED = object()
+
+
 KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "name": ("name", _text, None),  # the Go vtunnel ignores names, and its configs leave them empty
     "handshake-port": ("handshake_port", _vsock_port, REQUIRED),
@@ -360,8 +341,6 @@ class _ConfigLoader(yaml.SafeLoader):
         sequence.line = node.start_mark.line + 1
         sequence.item_lines = [child.start_mark.line + 1 for child in node.value]
         return sequence
-
-
 _ConfigLoader.add_constructor("tag:yaml.org,2002:map", _ConfigLoader.construct_tracked_mapping)
 _ConfigLoader.add_constructor("tag:yaml.org,2002:seq", _ConfigLoader.construct_tracked_sequence)
 
@@ -495,29 +474,323 @@ def _check_unique(tunnels, path, errors):
             clash(f"peer-socket {tunnel.peer.path}", peers, tunnel.peer.path, tunnel)
 
 
-def is_loopback(host):
-    if host == "localhost":
-        return True
+# --------------------------------------------------------------------------
+# 3. Sockets: listening and dialling, name lookups, errors
+# --------------------------------------------------------------------------
+
+def listen_socket(family, address, prepare=None, new_socket=gevent.socket.socket):
+    """A listening socket (gevent's, unless `new_socket` makes another); `prepare(sock)` runs before the bind."""
+    sock = new_socket(family, socket.SOCK_STREAM)
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        if prepare:
+            prepare(sock)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reuse_address(sock):
+    # A restarted end must be able to listen again while old connections linger in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def listen_tcp(host, port):
+    family = ip_family(host)
+    if not _is_ip(host):
+        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    return listen_socket(family, (host, port), reuse_address)
+
+
+def listen_unix(path, mode=0o600):
+    """Listen on a Unix socket file born with `mode`; a stale file is replaced, a live socket refused."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise OSError(errno.ENOENT, f"the directory {directory} does not exist")
+    claim_socket_path(path)
+    # umask, not a chmod after bind: no moment when others may connect.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock = listen_socket(socket.AF_UNIX, path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    return sock
+
+
+def claim_socket_path(path):
+    """Remove a stale Unix socket file at `path`; refuse one that a live process listens on."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "a file that is not a socket is in the way", path)
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return
+    except ConnectionRefusedError:
+        remove_socket_file(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on this socket", path)
+
+
+def remove_socket_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  # a dead peer is found in 2 minutes
+
+
+def tune_tcp(sock):
+    """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found.
+    Other kinds of socket are left as they are."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE.items():
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        except (AttributeError, OSError):
+            pass  # older Windows (and Wine) lack these: the system's keepalive timing applies
+
+
+def dial(family, address, timeout):
+    """A connected gevent socket; blocking afterwards (timeouts belong to the connect only)."""
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    tune_tcp(sock)
+    return sock
+
+
+def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
+    """Dial TCP, resolving and connecting within `timeout` seconds in all.
+
+    IP literals skip the resolver, which costs a thread round trip. A name's
+    addresses are tried in the resolver's order, each with what is left of the
+    time; the error of the last one is raised.
+    """
+    if _is_ip(host):
+        return dial(ip_family(host), (host, port), timeout)
+    deadline = time.monotonic() + timeout
+    problem = None
+    for family, _, _, _, address in RESOLVER.resolve(host, port, timeout):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            return dial(family, address, left)
+        except OSError as exc:
+            problem = exc
+    raise problem or socket.timeout(f"connecting to {host} timed out")
+
+
+class Resolver:
+    """Host names to addresses, each lookup bounded by the caller's time and
+    no name's lookups ever queued behind another's.
+
+    The C library's getaddrinfo cannot be cancelled, and gevent's default
+    resolver runs it in the hub's shared pool of 10 threads. Measured with a
+    DNS server that never answers (resolver timeout:2 attempts:1, connect-timeout
+    1): 50 clients of one tunnel were reset after 2 / 6 / 10 s (min / median /
+    max), and a healthy tunnel to `localhost` stalled 9.9 s behind them. So:
+    one lookup per name at a time, in a pool of its own, that every caller of
+    that name waits on with its own deadline. A silent DNS then holds one
+    thread per name (names come only from the config), and `localhost` or a
+    name in the hosts file, answered from files, never waits behind it.
+    """
+
+    def __init__(self):
+        self.pool = gevent.threadpool.ThreadPool(256)  # threads start on demand: one per name in flight
+        self.lookups = {}  # (host, port): the lookup in flight
+
+    def resolve(self, host, port, timeout):
+        """getaddrinfo's TCP answers for (host, port), or OSError saying what went wrong."""
+        key = (host, port)
+        lookup = self.lookups.get(key)
+        if lookup is None:
+            lookup = vtunnel_npipe.spawn_in_thread(self.pool, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+            self.lookups[key] = lookup
+            lookup.rawlink(lambda _: self.lookups.pop(key, None))
+        gevent.wait([lookup], timeout=timeout)
+        if not lookup.ready():
+            raise socket.timeout(errno.ETIMEDOUT, f"resolving {host} timed out")
+        try:
+            return vtunnel_npipe.outcome(lookup)
+        except OSError as exc:
+            raise OSError(exc.errno, f"resolving {host}: {_reason(exc)}") from None
+
+
+RESOLVER = Resolver()
+
+
+def connect_unix(path, timeout=CONNECT_TIMEOUT):
+    return dial(socket.AF_UNIX, path, timeout)
+
+
+def _reason(exc):
+    """A short, human account of why an operation failed."""
+    if isinstance(exc, OSError) and exc.strerror:  # a timeout may say what timed out
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    if isinstance(exc, (socket.timeout, gevent.Timeout)):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def send_all(sock, data):
+    """sock.sendall(data), cheaper: gevent's sendall asks the kernel for the socket's buffer
+    size on every call, and one send() nearly always takes the whole chunk."""
+    done = sock.send(data)
+    if done < len(data):
+        sock.sendall(memoryview(data)[done:])
+
+
+def abort(sock):
+    """Close so that the other end sees a failure, not a clean end of stream.
+
+    A failure must travel as a failure: a FIN after a truncated transfer
+    would look like a complete one. On TCP (and Hyper-V) SO_LINGER 0 makes the
+    close a reset. A Unix socket has no reset, and on AF_VSOCK SO_LINGER makes
+    close wait instead (and Python's setsockopt takes only integers there):
+    those close outright, which a vtunnel at the far end tells from a
+    half-close (see closed_outright).
+    """
+    if getattr(sock, "family", None) not in TELLS_CLOSE_FROM_HALF_CLOSE:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError):
+            pass
+    sock.close()
+
+
+def describe_socket(sock):
+    """'local -> remote' addresses of a socket, for debug lines (a named pipe: its path)."""
+    try:
+        return f"{_address(sock.getsockname())} -> {_address(sock.getpeername())}"
+    except (OSError, AttributeError):
+        return str(getattr(sock, "path", "?"))
+
+
+def _address(address):
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_host_port(*address[:2])
+    return address.decode(errors="replace") if isinstance(address, bytes) else str(address or "unnamed")
 
 
 # --------------------------------------------------------------------------
-# Transports: how a vsock port becomes a socket address
+# 4. Endpoints and transports: where each side of a connection is
 # --------------------------------------------------------------------------
+
+class Endpoint:
+    """Where one side of a connection is: listened on, or dialled.
+
+    Every kind vtunnel carries between is one: a TCP address, a Unix socket, a
+    Windows named pipe (upstreams only) and a vsock port as a transport reaches
+    it (VsockEndpoint: AF_VSOCK, AF_HYPERV and the emulated tcp:/unix:). Peer
+    and Host hold only endpoints. A new kind implements:
+
+    - listen() -> a listening socket (or ThreadedListener) for Service.start_server;
+    - connect(timeout) -> a connected stream with recv, sendall, shutdown, settimeout
+      and close, for the pump (a gevent socket, a ThreadedSocket, a PipeStream);
+    - close_listener() -> remove what listen() left behind, such as a socket file;
+    - __str__ -> how logs and errors name it.
+    """
+    is_loopback = False  # reachable only from this machine
+
+    def listen(self):
+        raise StartupError(f"{self}: vtunnel cannot listen here")
+
+    def connect(self, timeout):
+        raise NotImplementedError
+
+    def close_listener(self):
+        pass
+
+
+@dataclass(frozen=True)
+class TcpEndpoint(Endpoint):
+    """A TCP address: where the peer listens, or an upstream the host dials."""
+    host: str
+    port: int
+
+    def __str__(self):
+        return format_host_port(self.host, self.port)
+
+    @property
+    def is_loopback(self):
+        return is_loopback(self.host)
+
+    def listen(self):
+        return listen_tcp(self.host, self.port)
+
+    def connect(self, timeout):
+        return connect_tcp(self.host, self.port, timeout)
+
+
+@dataclass(frozen=True)
+class UnixEndpoint(Endpoint):
+    """A Unix socket: where the peer listens (peer-socket), or an upstream (unix:///path)."""
+    path: str
+    mode: int = 0o600
+
+    def __str__(self):
+        return "unix://" + self.path
+
+    is_loopback = True  # only processes on this machine, within the file's permissions
+
+    def listen(self):
+        return listen_unix(self.path, self.mode)
+
+    def connect(self, timeout):
+        return connect_unix(self.path, timeout)
+
+    def close_listener(self):
+        remove_socket_file(self.path)
+
+
+@dataclass(frozen=True)
+class PipeEndpoint(Endpoint):
+    """A Windows named pipe upstream, npipe:////./pipe/NAME."""
+    path: str  # Windows form: \\.\pipe\NAME
+
+    def __str__(self):
+        return "npipe://" + self.path.replace("\\", "/")
+
+    def connect(self, timeout):
+        return vtunnel_npipe.connect(self.path, timeout)
+
 
 class Transport:
-    """Listens on and connects to vsock ports.
+    """How vsock ports are reached: endpoint(port) is the Endpoint for one of them.
 
     The real families (AF_VSOCK, AF_HYPERV) and the emulated ones (TCP,
-    Unix sockets) share every line below; a subclass only names its
-    family and turns a port into an address.
+    Unix sockets) share the methods below. A subclass names its family and
+    turns a port into an address (listen_address, dial_address), and may
+    prepare or clean up a listener; HyperVTransport also keeps its sockets
+    blocking, in threads.
     """
     family = None
     max_port = 0xFFFFFFFF
     per_vm = False  # True where each VM has its own addresses, found by handshakes (Hyper-V)
+    vm_id = None  # the VM a per-VM transport reaches, once known
+
+    def endpoint(self, port):
+        return VsockEndpoint(self, port)
 
     def for_vm(self, vm_id):
         return self
@@ -527,9 +800,6 @@ class Transport:
 
     def dial_address(self, port):
         raise NotImplementedError
-
-    def describe(self, port):
-        return f"{self} port {port}"
 
     def check_available(self):
         if self.family is None:
@@ -548,6 +818,25 @@ class Transport:
         pass
 
 
+@dataclass(frozen=True)
+class VsockEndpoint(Endpoint):
+    """Vsock port `port`, as `transport` reaches it."""
+    transport: Transport
+    port: int
+
+    def __str__(self):
+        return f"{self.transport} port {self.port}"
+
+    def listen(self):
+        return self.transport.listen(self.port)
+
+    def connect(self, timeout):
+        return self.transport.connect(self.port, timeout)
+
+    def close_listener(self):
+        self.transport.close_listener(self.port)
+
+
 class VsockTransport(Transport):
     family = getattr(socket, "AF_VSOCK", None)
 
@@ -563,6 +852,75 @@ class VsockTransport(Transport):
     def dial_address(self, port):
         return (self.cid, port)
 
+
+class TcpTransport(Transport):
+    """Emulated vsock: vsock port N is TCP port N on one host (loopback for tests)."""
+    max_port = 65535
+
+    def __init__(self, host):
+        self.host = host
+        self.family = ip_family(host)
+
+    def __str__(self):
+        return f"tcp:{self.host}"
+
+    def listen_address(self, port):
+        return (self.host, port)
+
+    dial_address = listen_address
+
+    def prepare_listener(self, sock, port):
+        reuse_address(sock)
+
+
+class UnixTransport(Transport):
+    """Emulated vsock: vsock port N is the Unix socket PREFIX_N (Firecracker's naming)."""
+    family = getattr(socket, "AF_UNIX", None)
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def __str__(self):
+        return f"unix:{self.prefix}"
+
+    def listen_address(self, port):
+        return f"{self.prefix}_{port}"
+
+    dial_address = listen_address
+
+    def prepare_listener(self, sock, port):
+        claim_socket_path(self.listen_address(port))
+
+    def close_listener(self, port):
+        remove_socket_file(self.listen_address(port))
+
+
+def parse_transport(spec):
+    """--vsock TRANSPORT -> a Transport."""
+    kind, _, arg = spec.partition(":")
+    if kind == "vsock":
+        if arg and not arg.isdigit():
+            raise UsageError(f"--vsock {spec}: expected vsock:CID with a numeric CID")
+        return VsockTransport(int(arg) if arg else VMADDR_CID_HOST)
+    if kind == "hyperv" and not arg:
+        return HyperVTransport()
+    if kind == "tcp" and arg:
+        host = arg[1:-1] if arg.startswith("[") and arg.endswith("]") else arg
+        if not _is_ip(host):
+            raise UsageError(f"--vsock {spec}: expected tcp:IP, such as tcp:127.0.0.1")
+        return TcpTransport(host)
+    if kind == "unix" and arg:
+        return UnixTransport(arg)
+    raise UsageError(f"--vsock {spec}: expected vsock, vsock:CID, hyperv, tcp:IP or unix:PREFIX")
+
+
+def default_transport():
+    return HyperVTransport() if sys.platform == "win32" else VsockTransport()
+
+
+# --------------------------------------------------------------------------
+# 5. Hyper-V sockets (the Windows host): blocking, in threads
+# --------------------------------------------------------------------------
 
 def hyperv_service_id(port):
     """The Hyper-V service GUID that stands for vsock port `port`."""
@@ -702,276 +1060,13 @@ class ThreadedListener:
         self.sock.close()
 
 
-class ThreadedServer:
-    """StreamServer's life cycle (start, close, stop with a grace period) over a ThreadedListener."""
-
-    def __init__(self, listener, handle, spawn):
-        self.listener, self.handle, self.pool = listener, handle, spawn
-        self.accepting = None
-        self.name = ""
-        self.crash = partial(log.exception, "unexpected error in %s")  # Service.crash, in a service
-
-    @property
-    def started(self):
-        return self.accepting is not None and not self.accepting.dead
-
-    def start(self):
-        self.accepting = gevent.spawn(self._accept_forever)
-
-    def _accept_forever(self):
-        while True:
-            self.pool.wait_available()  # a full pool: clients wait in the listen backlog
-            try:
-                conn, address = self.listener.accept()
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:
-                    log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc),
-                                ACCEPT_PAUSE)
-                    gevent.sleep(ACCEPT_PAUSE)
-                    continue
-                self.crash(f"{self.name}: accepting")  # the listener is broken: see Server.crash
-                return
-            self.pool.spawn(self.handle, conn, address)
-
-    def close(self):
-        if self.accepting is not None:
-            self.accepting.kill(block=False)
-        self.listener.close()
-
-    def stop(self, timeout=None):
-        self.close()
-        self.pool.join(timeout=timeout)
-        self.pool.kill(block=True, timeout=1)
-
-
-class TcpTransport(Transport):
-    """Emulated vsock: vsock port N is TCP port N on one host (loopback for tests)."""
-    max_port = 65535
-
-    def __init__(self, host):
-        self.host = host
-        self.family = ip_family(host)
-
-    def __str__(self):
-        return f"tcp:{self.host}"
-
-    def listen_address(self, port):
-        return (self.host, port)
-
-    dial_address = listen_address
-
-    def prepare_listener(self, sock, port):
-        reuse_address(sock)
-
-
-class UnixTransport(Transport):
-    """Emulated vsock: vsock port N is the Unix socket PREFIX_N (Firecracker's naming)."""
-    family = getattr(socket, "AF_UNIX", None)
-
-    def __init__(self, prefix):
-        self.prefix = prefix
-
-    def __str__(self):
-        return f"unix:{self.prefix}"
-
-    def listen_address(self, port):
-        return f"{self.prefix}_{port}"
-
-    dial_address = listen_address
-
-    def prepare_listener(self, sock, port):
-        claim_socket_path(self.listen_address(port))
-
-    def close_listener(self, port):
-        remove_socket_file(self.listen_address(port))
-
-
-def parse_transport(spec):
-    """--vsock TRANSPORT -> a Transport."""
-    kind, _, arg = spec.partition(":")
-    if kind == "vsock":
-        if arg and not arg.isdigit():
-            raise UsageError(f"--vsock {spec}: expected vsock:CID with a numeric CID")
-        return VsockTransport(int(arg) if arg else VMADDR_CID_HOST)
-    if kind == "hyperv" and not arg:
-        return HyperVTransport()
-    if kind == "tcp" and arg:
-        host = arg[1:-1] if arg.startswith("[") and arg.endswith("]") else arg
-        if not _is_ip(host):
-            raise UsageError(f"--vsock {spec}: expected tcp:IP, such as tcp:127.0.0.1")
-        return TcpTransport(host)
-    if kind == "unix" and arg:
-        return UnixTransport(arg)
-    raise UsageError(f"--vsock {spec}: expected vsock, vsock:CID, hyperv, tcp:IP or unix:PREFIX")
-
-
-def default_transport():
-    return HyperVTransport() if sys.platform == "win32" else VsockTransport()
-
-
-def claim_socket_path(path):
-    """Remove a stale Unix socket file at `path`; refuse one that a live process listens on."""
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise OSError(errno.EEXIST, "a file that is not a socket is in the way", path)
-    except FileNotFoundError:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        return
-    except ConnectionRefusedError:
-        remove_socket_file(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process is listening on this socket", path)
-
-
-def remove_socket_file(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 # --------------------------------------------------------------------------
-# Sockets and errors
+# 6. The pump: two endpoints, two greenlets, every byte
 # --------------------------------------------------------------------------
 
-KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  # a dead peer is found in 2 minutes
+# Families with no reset, where a close outright is how a vtunnel at the far end tells a failure
+TELLS_CLOSE_FROM_HALF_CLOSE = {getattr(socket, name) for name in ("AF_UNIX", "AF_VSOCK") if hasattr(socket, name)}
 
-
-def tune_tcp(sock):
-    """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in KEEPALIVE.items():
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        except (AttributeError, OSError):
-            pass  # older Windows (and Wine) lack these: the system's keepalive timing applies
-
-
-def dial(family, address, timeout):
-    """A connected gevent socket; blocking afterwards (timeouts belong to the connect only)."""
-    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.settimeout(None)
-    except BaseException:
-        sock.close()
-        raise
-    if family in (socket.AF_INET, socket.AF_INET6):
-        tune_tcp(sock)
-    return sock
-
-
-def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
-    """Dial TCP, resolving and connecting within `timeout` seconds in all.
-
-    IP literals skip the resolver, which costs a thread round trip. A name's
-    addresses are tried in the resolver's order, each with what is left of the
-    time; the error of the last one is raised.
-    """
-    if _is_ip(host):
-        return dial(ip_family(host), (host, port), timeout)
-    deadline = time.monotonic() + timeout
-    problem = None
-    for family, _, _, _, address in RESOLVER.resolve(host, port, timeout):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            return dial(family, address, left)
-        except OSError as exc:
-            problem = exc
-    raise problem or socket.timeout(f"connecting to {host} timed out")
-
-
-class Resolver:
-    """Host names to addresses, each lookup bounded by the caller's time and
-    no name's lookups ever queued behind another's.
-
-    The C library's getaddrinfo cannot be cancelled, and gevent's default
-    resolver runs it in the hub's shared pool of 10 threads. Measured with a
-    DNS server that never answers (resolver timeout:2 attempts:1, connect-timeout
-    1): 50 clients of one tunnel were reset after 2 / 6 / 10 s (min / median /
-    max), and a healthy tunnel to `localhost` stalled 9.9 s behind them. So:
-    one lookup per name at a time, in a pool of its own, that every caller of
-    that name waits on with its own deadline. A silent DNS then holds one
-    thread per name (names come only from the config), and `localhost` or a
-    name in the hosts file, answered from files, never waits behind it.
-    """
-
-    def __init__(self):
-        self.pool = gevent.threadpool.ThreadPool(256)  # threads start on demand: one per name in flight
-        self.lookups = {}  # (host, port): the lookup in flight
-
-    def resolve(self, host, port, timeout):
-        """getaddrinfo's TCP answers for (host, port), or OSError saying what went wrong."""
-        key = (host, port)
-        lookup = self.lookups.get(key)
-        if lookup is None:
-            lookup = vtunnel_npipe.spawn_in_thread(self.pool, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-            self.lookups[key] = lookup
-            lookup.rawlink(lambda _: self.lookups.pop(key, None))
-        gevent.wait([lookup], timeout=timeout)
-        if not lookup.ready():
-            raise socket.timeout(errno.ETIMEDOUT, f"resolving {host} timed out")
-        try:
-            return vtunnel_npipe.outcome(lookup)
-        except OSError as exc:
-            raise OSError(exc.errno, f"resolving {host}: {_reason(exc)}") from None
-
-
-RESOLVER = Resolver()
-
-
-def connect_unix(path, timeout=CONNECT_TIMEOUT):
-    return dial(socket.AF_UNIX, path, timeout)
-
-
-def _reason(exc):
-    """A short, human account of why an operation failed."""
-    if isinstance(exc, OSError) and exc.strerror:  # a timeout may say what timed out
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    if isinstance(exc, (socket.timeout, gevent.Timeout)):
-        return "timed out"
-    return str(exc) or type(exc).__name__
-
-
-def send_all(sock, data):
-    """sock.sendall(data), cheaper: gevent's sendall asks the kernel for the socket's buffer
-    size on every call, and one send() nearly always takes the whole chunk."""
-    done = sock.send(data)
-    if done < len(data):
-        sock.sendall(memoryview(data)[done:])
-
-
-def abort(sock):
-    """Close so that the other end sees a failure, not a clean end of stream.
-
-    A failure must travel as a failure: a FIN after a truncated transfer
-    would look like a complete one. On TCP (and Hyper-V) SO_LINGER 0 makes the
-    close a reset. A Unix socket has no reset, and on AF_VSOCK SO_LINGER makes
-    close wait instead (and Python's setsockopt takes only integers there):
-    those close outright, which a vtunnel at the far end tells from a
-    half-close (see closed_outright).
-    """
-    if getattr(sock, "family", None) not in TELLS_CLOSE_FROM_HALF_CLOSE:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except (OSError, AttributeError):
-            pass
-    sock.close()
-
-
-# --------------------------------------------------------------------------
-# The pump: two endpoints, two greenlets, every byte
-# --------------------------------------------------------------------------
 
 class IdleTimeout(OSError):
     """No byte moved in either direction for the tunnel's idle-timeout."""
@@ -1016,7 +1111,7 @@ class Pump:
         self.half_closed = set()  # the ends this pump has shut down for writing
         self.sent = [0, 0]  # bytes left -> right, right -> left
         self.failure = None  # ("left", "right", "shutdown" or "vtunnel", exception) of the first error
-        self.started = self.last_activity = time.monotonic()
+        self.started_at = self.last_activity = time.monotonic()
         self.idle_timeout = idle_timeout
         if idle_timeout:
             left.settimeout(idle_timeout)
@@ -1044,7 +1139,7 @@ class Pump:
 
     @property
     def elapsed(self):
-        return time.monotonic() - self.started
+        return time.monotonic() - self.started_at
 
     def _direction(self, src, dst, direction):
         """Carry src to dst until the end. A bug met on the way fails this connection, loudly:
@@ -1259,8 +1354,6 @@ class PipePool:
 
 
 PIPES = PipePool()
-
-
 GEVENT_INTERNALS = ("_read_event", "_write_event", "_wait")
 
 
@@ -1292,18 +1385,14 @@ def wait_ready(sock, writing=False):
 
 
 # --------------------------------------------------------------------------
-# Servers and their life cycle
+# 7. Servers, the service and its counters
 # --------------------------------------------------------------------------
 
-ACCEPT_PAUSE = 0.5  # seconds an accept loop rests when the process is out of file descriptors
-RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+class PolledServer(gevent.server.StreamServer):
+    """The accept loop of a listener gevent polls (every one but Hyper-V's: see ThreadedServer).
 
-
-class Server(gevent.server.StreamServer):
-    """A StreamServer whose accept loop waits out descriptor exhaustion.
-
-    Clients that arrive meanwhile wait in the listen backlog, and are served
-    as soon as descriptors free up.
+    Out of descriptors it rests and accepts again: clients that arrive meanwhile
+    wait in the listen backlog, and are served as soon as descriptors free up.
     """
 
     # Service.crash, in a service: called when the accept loop meets what it cannot go on from
@@ -1330,6 +1419,48 @@ class Server(gevent.server.StreamServer):
     def _resume_accepting(self):
         if self.started:
             self.start_accepting()
+
+
+class ThreadedServer:
+    """StreamServer's life cycle (start, close, stop with a grace period) over a ThreadedListener."""
+
+    def __init__(self, listener, handle, spawn):
+        self.listener, self.handle, self.pool = listener, handle, spawn
+        self.accepting = None
+        self.name = ""
+        self.crash = partial(log.exception, "unexpected error in %s")  # Service.crash, in a service
+
+    @property
+    def started(self):
+        return self.accepting is not None and not self.accepting.dead
+
+    def start(self):
+        self.accepting = gevent.spawn(self._accept_forever)
+
+    def _accept_forever(self):
+        while True:
+            self.pool.wait_available()  # a full pool: clients wait in the listen backlog
+            try:
+                conn, address = self.listener.accept()
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:
+                    log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc),
+                                ACCEPT_PAUSE)
+                    gevent.sleep(ACCEPT_PAUSE)
+                    continue
+                self.crash(f"{self.name}: accepting")  # the listener is broken: see PolledServer.crash
+                return
+            self.pool.spawn(self.handle, conn, address)
+
+    def close(self):
+        if self.accepting is not None:
+            self.accepting.kill(block=False)
+        self.listener.close()
+
+    def stop(self, timeout=None):
+        self.close()
+        self.pool.join(timeout=timeout)
+        self.pool.kill(block=True, timeout=1)
 
 
 class Stats:
@@ -1416,15 +1547,19 @@ class Service:
         self.cleanups = []
         self.stats = []
 
-    def start_server(self, listener, handle, name, max_connections=None, cleanup=None):
+    def start_server(self, tunnel, endpoint, handle, name, max_connections=None):
+        """Listen on `endpoint` and serve each connection with handle(conn, address)."""
+        try:
+            listener = endpoint.listen()
+        except OSError as exc:
+            raise StartupError(f"tunnel {tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
+        self.cleanups.append(endpoint.close_listener)
         # A full pool stops the accept loop: further clients wait in the listen backlog.
-        server_class = ThreadedServer if isinstance(listener, ThreadedListener) else Server
+        server_class = ThreadedServer if isinstance(listener, ThreadedListener) else PolledServer
         server = server_class(listener, handle, spawn=gevent.pool.Pool(max_connections))
         server.name, server.crash = name, self.crash
         server.start()
         self.servers.append(server)
-        if cleanup:
-            self.cleanups.append(cleanup)
         return server
 
     def new_stats(self, label, far_name):
@@ -1522,11 +1657,6 @@ class Service:
         self.cleanups.clear()
 
 
-def failed_end(pump, near_name, far_name):
-    """Which end of a failed pump failed, by name: the near end is the pump's left."""
-    return {"left": near_name, "right": far_name}.get(pump.failure[0], pump.failure[0])
-
-
 def raise_descriptor_limit():
     """Lift the soft limit on open files to the hard one, as every Go program does at start.
 
@@ -1546,20 +1676,6 @@ def raise_descriptor_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def describe_socket(sock):
-    """'local -> remote' addresses of a socket, for debug lines (a named pipe: its path)."""
-    try:
-        return f"{_address(sock.getsockname())} -> {_address(sock.getpeername())}"
-    except (OSError, AttributeError):
-        return str(getattr(sock, "path", "?"))
-
-
-def _address(address):
-    if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(*address[:2])
-    return address.decode(errors="replace") if isinstance(address, bytes) else str(address or "unnamed")
-
-
 def count_greenlets():
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead)
 
@@ -1571,7 +1687,16 @@ def count_descriptors():
         return "unknown"
 
 
-def relay(tunnel, stats, conn_id, near, dial, near_name, where, leg_is_near):
+# --------------------------------------------------------------------------
+# 8. Peer and host: the two ends of every tunnel
+# --------------------------------------------------------------------------
+
+def failed_end(pump, near_name, far_name):
+    """Which end of a failed pump failed, by name: the near end is the pump's left."""
+    return {"left": near_name, "right": far_name}.get(pump.failure[0], pump.failure[0])
+
+
+def relay(tunnel, stats, conn_id, near, dial_far, near_name, where, leg_is_near):
     """Dial the far end for `near`, then pump the two; count and log what happened.
 
     One of the two is the tunnel leg, whose far end is the other vtunnel.
@@ -1579,7 +1704,7 @@ def relay(tunnel, stats, conn_id, near, dial, near_name, where, leg_is_near):
     stats.total += 1
     dialling = time.monotonic()
     try:
-        far = dial(tunnel.connect_timeout)
+        far = dial_far(tunnel.connect_timeout)
     except (OSError, gevent.Timeout) as exc:
         stats.failures[f"{stats.far_name} unreachable"] += 1
         log.warning("%s #%d %s: %s unreachable: %s; closing the %s", tunnel.name, conn_id, where,
@@ -1616,18 +1741,14 @@ class Peer:
             if not tunnel.peer.is_loopback:
                 log.warning("%s: %s is not a loopback address: anyone who can reach it reaches %s "
                             "through the host", tunnel.name, tunnel.peer, tunnel.upstream)
-            where = self.transport.describe(tunnel.handshake_port)
-            self.service.start_server(
-                listen_or_fail(partial(self.transport.listen, tunnel.handshake_port), tunnel, where),
-                self.answer_handshake, f"{tunnel.name} handshake", None,
-                partial(self.transport.close_listener, tunnel.handshake_port))
-            log.info("%s: answering handshakes on %s", tunnel.name, where)
+            handshakes = self.transport.endpoint(tunnel.handshake_port)
+            self.service.start_server(tunnel, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
+            log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
             stats = self.service.new_stats(f"{tunnel.name} (peer)", "host")
-            self.service.start_server(
-                listen_or_fail(tunnel.peer.listen, tunnel, str(tunnel.peer)), partial(self.carry, tunnel, stats),
-                tunnel.name, tunnel.max_connections, getattr(tunnel.peer, "close_listener", None))
-            log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer,
-                     self.transport.describe(tunnel.vsock_host_port))
+            host = self.transport.endpoint(tunnel.vsock_host_port)
+            self.service.start_server(tunnel, tunnel.peer, partial(self.carry, tunnel, host, stats), tunnel.name,
+                                      tunnel.max_connections)
+            log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer, host)
 
     def answer_handshake(self, sock, address):
         try:
@@ -1638,17 +1759,16 @@ class Peer:
         finally:
             sock.close()
 
-    def carry(self, tunnel, stats, client, address):
-        if isinstance(tunnel.peer, TcpEndpoint):
-            tune_tcp(client)
+    def carry(self, tunnel, host, stats, client, address):
+        tune_tcp(client)
         source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
         number = self.service.connection_ids.new()
 
-        def dial(timeout):
-            leg = self.transport.connect(tunnel.vsock_host_port, timeout)
+        def dial_host(timeout):
+            leg = host.connect(timeout)
             self.service.connection_ids.dialled(leg, number)
             return leg
-        relay(tunnel, stats, number, client, dial, "client", f"from {source}", leg_is_near=False)
+        relay(tunnel, stats, number, client, dial_host, "client", f"from {source}", leg_is_near=False)
 
 
 class Host:
@@ -1672,12 +1792,10 @@ class Host:
         stats = self.service.new_stats(f"{tunnel.name} (host)", "upstream")
         while True:
             transport = self.wait_for_peer(tunnel)
-            where = transport.describe(tunnel.vsock_host_port)
-            server = self.service.start_server(
-                listen_or_fail(partial(transport.listen, tunnel.vsock_host_port), tunnel, where),
-                partial(self.carry, tunnel, stats), tunnel.name, tunnel.max_connections,
-                partial(transport.close_listener, tunnel.vsock_host_port))
-            log.info("%s: listening on %s, carrying to %s", tunnel.name, where, tunnel.upstream)
+            legs = transport.endpoint(tunnel.vsock_host_port)
+            server = self.service.start_server(tunnel, legs, partial(self.carry, tunnel, stats), tunnel.name,
+                                               tunnel.max_connections)
+            log.info("%s: listening on %s, carrying to %s", tunnel.name, legs, tunnel.upstream)
             if not transport.per_vm:
                 return
             self.watch_peer(tunnel, transport, server)
@@ -1691,17 +1809,17 @@ class Host:
             transport, problem = self.find_peer(tunnel)
             if transport:
                 log.info("%s: handshake with the peer at %s succeeded", tunnel.name,
-                         transport.describe(tunnel.handshake_port))
+                         transport.endpoint(tunnel.handshake_port))
                 return transport
             log.info("%s: handshake attempt %d with %s: %s; retrying in %.2gs", tunnel.name,
-                     attempt, self.transport.describe(tunnel.handshake_port), problem, delay)
+                     attempt, self.transport.endpoint(tunnel.handshake_port), problem, delay)
             gevent.sleep(delay)
             delay = min(delay * 2, longest)
 
     def find_peer(self, tunnel):
         """(transport, None) once a peer answers the seed phrase, else (None, the problem)."""
-        if not self.transport.per_vm or getattr(self.transport, "vm_id", None):
-            problem = handshake(self.transport, tunnel.handshake_port)
+        if not self.transport.per_vm or self.transport.vm_id:
+            problem = handshake(self.transport.endpoint(tunnel.handshake_port))
             return (None, problem) if problem else (self.transport, None)
         candidates = self.vm_candidates()
         if not candidates:
@@ -1716,7 +1834,7 @@ class Host:
         misses = 0
         while server.started and misses < 2:
             gevent.sleep(PEER_CHECK_INTERVAL)
-            problem = handshake(transport, tunnel.handshake_port)
+            problem = handshake(transport.endpoint(tunnel.handshake_port))
             misses = misses + 1 if problem else 0
             if problem:
                 log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
@@ -1728,10 +1846,41 @@ class Host:
               f"to {tunnel.upstream}", leg_is_near=True)
 
 
-# Windows: the running VMs, as candidates for the handshake
+def handshake(endpoint):
+    """Dial the peer's handshake endpoint and check the seed; None on success, else the problem."""
+    try:
+        sock = endpoint.connect(HANDSHAKE_TIMEOUT)
+    except (OSError, gevent.Timeout) as exc:
+        return _reason(exc)
+    try:
+        with gevent.Timeout(HANDSHAKE_TIMEOUT):
+            seed = read_exactly(sock, len(SEED_PHRASE))
+    except (OSError, gevent.Timeout) as exc:
+        return f"reading the seed phrase: {_reason(exc)}"
+    finally:
+        sock.close()
+    if seed != SEED_PHRASE:
+        return f"the peer answered {len(seed)} bytes that are not the seed phrase"
+    return None
+
+
+def read_exactly(sock, size):
+    """Up to `size` bytes; fewer only if the stream ends first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# --------------------------------------------------------------------------
+# 9. Finding the VM (Windows): every running VM is a candidate
+# --------------------------------------------------------------------------
+
 COMPUTE_SYSTEM_KEY = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion\HostComputeService\VolatileStore\ComputeSystem"
 GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
-PEER_CHECK_INTERVAL = 10.0  # seconds between the handshakes that notice a VM has gone
 
 
 def registry_vm_ids():
@@ -1769,7 +1918,7 @@ def candidate_vm_ids():
 
 def find_vm(transport, port, candidates):
     """Handshake every candidate VM at once; the first whose peer answers the seed phrase wins."""
-    attempts = {gevent.spawn(handshake, transport.for_vm(vm_id), port): vm_id for vm_id in candidates}
+    attempts = {gevent.spawn(handshake, transport.for_vm(vm_id).endpoint(port)): vm_id for vm_id in candidates}
     try:
         for attempt in gevent.iwait(attempts):
             if attempt.successful() and attempt.value is None:
@@ -1780,86 +1929,8 @@ def find_vm(transport, port, candidates):
     return None
 
 
-def handshake(transport, port):
-    """Dial the peer's handshake port and check the seed; None on success, else the problem."""
-    try:
-        sock = transport.connect(port, HANDSHAKE_TIMEOUT)
-    except (OSError, gevent.Timeout) as exc:
-        return _reason(exc)
-    try:
-        with gevent.Timeout(HANDSHAKE_TIMEOUT):
-            seed = read_exactly(sock, len(SEED_PHRASE))
-    except (OSError, gevent.Timeout) as exc:
-        return f"reading the seed phrase: {_reason(exc)}"
-    finally:
-        sock.close()
-    if seed != SEED_PHRASE:
-        return f"the peer answered {len(seed)} bytes that are not the seed phrase"
-    return None
-
-
-def read_exactly(sock, size):
-    """Up to `size` bytes; fewer only if the stream ends first."""
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def listen_socket(family, address, prepare=None, new_socket=gevent.socket.socket):
-    """A listening socket (gevent's, unless `new_socket` makes another); `prepare(sock)` runs before the bind."""
-    sock = new_socket(family, socket.SOCK_STREAM)
-    try:
-        if prepare:
-            prepare(sock)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def reuse_address(sock):
-    # A restarted end must be able to listen again while old connections linger in TIME_WAIT.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-
-def listen_tcp(host, port):
-    family = ip_family(host)
-    if not _is_ip(host):
-        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    return listen_socket(family, (host, port), reuse_address)
-
-
-def listen_unix(path, mode=0o600):
-    """Listen on a Unix socket file born with `mode`; a stale file is replaced, a live socket refused."""
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise OSError(errno.ENOENT, f"the directory {directory} does not exist")
-    claim_socket_path(path)
-    # umask, not a chmod after bind: no moment when others may connect.
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock = listen_socket(socket.AF_UNIX, path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
-    return sock
-
-
-def listen_or_fail(listen, tunnel, where):
-    try:
-        return listen()
-    except OSError as exc:
-        raise StartupError(f"tunnel {tunnel.name!r}: cannot listen on {where}: {_reason(exc)}") from None
-
-
 # --------------------------------------------------------------------------
-# Command line
+# 10. Command line
 # --------------------------------------------------------------------------
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -1910,11 +1981,11 @@ def parse_args(argv):
         args = docopt.docopt(__doc__, argv=argv, version=f"vtunnel {__version__}")
     except docopt.DocoptExit as exc:
         raise UsageError(_usage_problem(argv, str(exc))) from None
-    level = args["--log-level"] or "info"
+    level = args["--log-level"]
     if level.lower() not in LOG_LEVELS:
         raise UsageError(f"--log-level {level}: expected one of {', '.join(LOG_LEVELS)}")
-    for option, default in (("--grace", 5), ("--stats-interval", 0)):
-        args[option] = _seconds_option(option, args[option] or default)
+    for option in ("--grace", "--stats-interval"):
+        args[option] = _seconds_option(option, args[option])
     return args
 
 

@@ -24,10 +24,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port():
-    """A TCP port the kernel just handed out on loopback (ephemeral, so parallel runs don't collide)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on loopback, chosen at random below the kernel's ephemeral range.
+
+    Not an ephemeral port: outgoing connections take their local ports from that range (a host's
+    handshake attempts, many a second), and one of them took a port a peer was about to listen on
+    (EADDRINUSE in two CI runs of the soak test).
+    """
+    low = _ephemeral_range()[0]
+    for _ in range(1000):
+        port = _random.randrange(10000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found between 10000 and {low}")
+
+
+_random = random.SystemRandom()  # never the seeded generator a test may have set
+
+
+def _ephemeral_range():
+    try:
+        return tuple(map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()))
+    except OSError:
+        return 49152, 65535  # Windows' (and IANA's) dynamic range
 
 
 def wait_until(predicate, timeout=20.0, interval=0.05, what="condition"):

@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import Vtunnel, socket_dir, tunnel_entry, write_config
+from helpers import Vtunnel, echo_server, socket_dir, tunnel_entry, write_config
 
 
 class Deployment:
@@ -76,3 +76,11 @@ def deployment(tmp_path):
     for d in made:
         d.stop()
         print(d.logs())  # shown by pytest only when the test failed
+
+
+@pytest.fixture
+def echo():
+    """A TCP echo server on loopback, for the test's length."""
+    server = echo_server()
+    yield server
+    server.stop()

@@ -15,13 +15,6 @@ from helpers import HttpServer, echo_server, echo_works, exchange, half_close_se
 MODES = ["tcp", "unix", "local"]
 
 
-@pytest.fixture
-def echo():
-    server = echo_server()
-    yield server
-    server.stop()
-
-
 def started(deployment, mode, echo):
     d = deployment(mode)
     entry = d.add_tunnel("echo", echo.port)

@@ -12,16 +12,9 @@ import socket
 
 import pytest
 
-from helpers import ROOT, Vtunnel, echo_server, echo_works, tunnel_entry, wait_until, write_config
+from helpers import ROOT, Vtunnel, echo_works, tunnel_entry, wait_until, write_config
 
 INJECT = str(ROOT / "test/e2e/inject.py")
-
-
-@pytest.fixture
-def upstream():
-    server = echo_server()
-    yield server
-    server.stop()
 
 
 def local_with(fault, tmp_path, upstream):
@@ -32,8 +25,8 @@ def local_with(fault, tmp_path, upstream):
 
 
 @pytest.mark.parametrize("fault,where", [("tunnel_loop", "serve_tunnel"), ("accept", "doomed: accepting")])
-def test_a_tunnel_that_dies_of_a_bug_stops_the_process_with_its_traceback(fault, where, tmp_path, upstream):
-    vtunnel, ports = local_with(fault, tmp_path, upstream)
+def test_a_tunnel_that_dies_of_a_bug_stops_the_process_with_its_traceback(fault, where, tmp_path, echo):
+    vtunnel, ports = local_with(fault, tmp_path, echo)
     try:
         vtunnel.wait_for_log("healthy: listening on 127.0.0.1")
         if fault == "accept":
@@ -49,8 +42,8 @@ def test_a_tunnel_that_dies_of_a_bug_stops_the_process_with_its_traceback(fault,
     assert log.rstrip().endswith(f"ERROR stopped after an unexpected error in {where} (its traceback is above)")
 
 
-def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(tmp_path, upstream):
-    vtunnel, ports = local_with("pump", tmp_path, upstream)
+def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(tmp_path, echo):
+    vtunnel, ports = local_with("pump", tmp_path, echo)
     try:
         vtunnel.wait_for_log("healthy: listening on 127.0.0.1")
         with socket.create_connection(("127.0.0.1", ports["healthy"]), timeout=20) as sock:
