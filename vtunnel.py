@@ -110,6 +110,7 @@ HANDSHAKE_BACKOFF = (0.25, 3.0)  # first and longest wait between handshake atte
 PEER_CHECK_INTERVAL = 10.0  # seconds between the handshakes that notice a VM has gone
 ACCEPT_PAUSE = 0.5  # seconds an accept loop rests when the process is out of file descriptors
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+BROKEN_LISTENER_ERRORS = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)  # gevent's fatal_errors too
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -1388,32 +1389,37 @@ def wait_ready(sock, writing=False):
 # 7. Servers, the service and its counters
 # --------------------------------------------------------------------------
 
+def accept_failed(server, exc):
+    """An accept loop's one policy for a failed accept: the seconds to rest before accepting again,
+    or None when the listener itself is broken or the error is a bug (the service then stops:
+    Service.crash). Out of descriptors, clients wait in the listen backlog meanwhile."""
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
+        log.warning("%s: cannot accept: %s; accepting again in %gs", server.name, _reason(exc), ACCEPT_PAUSE)
+        return ACCEPT_PAUSE
+    if isinstance(exc, OSError) and exc.errno not in BROKEN_LISTENER_ERRORS:
+        log.warning("%s: could not accept a client: %s", server.name, _reason(exc))  # it left first, say
+        return 0
+    server.crash(f"{server.name}: accepting")
+    return None
+
+
 class PolledServer(gevent.server.StreamServer):
-    """The accept loop of a listener gevent polls (every one but Hyper-V's: see ThreadedServer).
+    """The accept loop of a listener gevent polls: every kind but Hyper-V's (ThreadedServer).
 
-    Out of descriptors it rests and accepts again: clients that arrive meanwhile
-    wait in the listen backlog, and are served as soon as descriptors free up.
+    gevent's own loop, with accept_failed's policy instead of its retry-and-print; like
+    every StreamServer it closes each connection once its handler returns.
     """
-
     # Service.crash, in a service: called when the accept loop meets what it cannot go on from
     crash = staticmethod(partial(log.exception, "unexpected error in %s"))
 
     def do_read(self):
         try:
             return super().do_read()
-        except OSError as exc:
-            if exc.errno in RESOURCE_ERRORS:
-                log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc),
-                            ACCEPT_PAUSE)
+        except Exception as exc:
+            pause = accept_failed(self, exc)
+            if pause:
                 self.stop_accepting()
-                gevent.spawn_later(ACCEPT_PAUSE, self._resume_accepting)
-            elif self.is_fatal_error(exc):  # the listening socket itself is gone or broken
-                self.crash(f"{self.name}: accepting")
-            else:  # a client that went away before it was accepted, for one
-                log.warning("%s: could not accept a client: %s", self.name, _reason(exc))
-            return None
-        except Exception:
-            self.crash(f"{self.name}: accepting")
+                gevent.spawn_later(pause, self._resume_accepting)
             return None
 
     def _resume_accepting(self):
@@ -1422,13 +1428,15 @@ class PolledServer(gevent.server.StreamServer):
 
 
 class ThreadedServer:
-    """StreamServer's life cycle (start, close, stop with a grace period) over a ThreadedListener."""
+    """PolledServer's life cycle (start, close, stop with a grace period) over a ThreadedListener,
+    whose accept blocks in a thread; the same accept policy, and each connection closed once
+    its handler returns."""
 
     def __init__(self, listener, handle, spawn):
         self.listener, self.handle, self.pool = listener, handle, spawn
         self.accepting = None
         self.name = ""
-        self.crash = partial(log.exception, "unexpected error in %s")  # Service.crash, in a service
+        self.crash = PolledServer.crash  # Service.crash, in a service
 
     @property
     def started(self):
@@ -1442,15 +1450,19 @@ class ThreadedServer:
             self.pool.wait_available()  # a full pool: clients wait in the listen backlog
             try:
                 conn, address = self.listener.accept()
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:
-                    log.warning("%s: cannot accept: %s; accepting again in %gs", self.name, _reason(exc),
-                                ACCEPT_PAUSE)
-                    gevent.sleep(ACCEPT_PAUSE)
-                    continue
-                self.crash(f"{self.name}: accepting")  # the listener is broken: see PolledServer.crash
-                return
-            self.pool.spawn(self.handle, conn, address)
+            except Exception as exc:
+                pause = accept_failed(self, exc)
+                if pause is None:
+                    return
+                gevent.sleep(pause)
+                continue
+            self.pool.spawn(self._handle_and_close, conn, address)
+
+    def _handle_and_close(self, conn, address):
+        try:
+            self.handle(conn, address)
+        finally:
+            conn.close()
 
     def close(self):
         if self.accepting is not None:
@@ -1619,6 +1631,8 @@ class Service:
     def _on_stop_signal(self, signum):
         name = signal.Signals(signum).name
         if not self.stopping.is_set():
+            for server in self.servers:  # before the log line says so
+                server.close()
             log.info("%s: no new connections; open ones have %gs to finish (send it again to end them now)",
                      name, self.grace)
             self.stopping.set()

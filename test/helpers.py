@@ -20,7 +20,12 @@ from pathlib import Path
 
 import yaml
 
+import vtunnel
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+MODES = ["tcp", "unix", "local"]  # peer and host over the tcp: or unix: transport, or one `local` process
 
 
 def free_port():
@@ -69,20 +74,16 @@ def sha256(data):
 
 # ---------------------------------------------------------------- upstreams
 
-class _Server(socketserver.ThreadingTCPServer):
+class _Serving:
+    """A socketserver that serves in a thread of its own and records what each connection carried."""
     daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 1024  # socketserver's 5 overflows under 50 concurrent connects: resets
 
-    def __init__(self, handler, address=("127.0.0.1", 0)):
+    def __init__(self, handler, address):
         super().__init__(address, handler)
         self.received = []  # (bytes count, sha256) of every finished connection
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def port(self):
-        return self.server_address[1]
 
     def record(self, count, digest):
         with self.lock:
@@ -91,6 +92,22 @@ class _Server(socketserver.ThreadingTCPServer):
     def stop(self):
         self.shutdown()
         self.server_close()
+
+
+class _Server(_Serving, socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+
+    def __init__(self, handler, address=("127.0.0.1", 0)):
+        super().__init__(handler, address)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+
+if hasattr(socketserver, "ThreadingUnixStreamServer"):  # not on Windows, where helpers serve too
+    class _UnixServer(_Serving, socketserver.ThreadingUnixStreamServer):
+        pass
 
 
 class _EchoHandler(socketserver.BaseRequestHandler):
@@ -126,6 +143,10 @@ def reply_for(count, hexdigest):
 
 def echo_server(port=0):
     return _Server(_EchoHandler, ("127.0.0.1", port))
+
+
+def unix_echo_server(path):
+    return _UnixServer(_EchoHandler, str(path))
 
 
 def half_close_server():
@@ -191,22 +212,34 @@ def exchange(port, payload, timeout=60.0, host="127.0.0.1"):
 
 
 def exchange_on(sock, payload):
-    failure = []
+    """Send payload (then half-close) while reading to the end; what arrived. Raises what failed."""
+    received, failure = exchange_partly(sock, payload)
+    if failure:
+        raise failure
+    return received
+
+
+def exchange_partly(sock, payload):
+    """exchange_on that keeps what arrived before a failure: (the bytes, the error or None)."""
+    failures = []
 
     def send():
         try:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            failure.append(exc)
+            failures.append(exc)
 
     sender = threading.Thread(target=send)
     sender.start()
-    received = read_all(sock)
+    chunks = []
+    try:
+        while data := sock.recv(262144):
+            chunks.append(data)
+    except OSError as exc:
+        failures.insert(0, exc)
     sender.join()
-    if failure:
-        raise failure[0]
-    return received
+    return b"".join(chunks), (failures[0] if failures else None)
 
 
 def read_all(stream):
@@ -346,3 +379,81 @@ def run_vtunnel(*args, timeout=30, python_options=()):
     done = subprocess.run([sys.executable, *python_options, "-m", "vtunnel", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
     return done.returncode, done.stdout, done.stderr
+
+
+# ---------------------------------------------------------------- a stand-in Hyper-V (Linux and Wine alike)
+
+class FakeHyperV(vtunnel.HyperVTransport):
+    """FAKE AF_HYPERV: vsock port p of VM v is the loopback TCP port routes[v, p] (else p itself).
+
+    It keeps HyperVTransport's own listen/connect/threadpool code and swaps only the family, the
+    address and the Hyper-V socket options, which is what the real one differs in (neither Linux nor
+    Wine can create AF_HYPERV sockets). The routes belong to the instance and to the per-VM
+    transports made from it.
+    """
+    family = socket.AF_INET
+    protocol = 0
+
+    def __init__(self, vm_id=None, routes=None):
+        super().__init__(vm_id)
+        self.routes = {} if routes is None else routes
+
+    def for_vm(self, vm_id):
+        return type(self)(vm_id, self.routes)
+
+    def listen_address(self, port):
+        return ("127.0.0.1", self.routes.get((self.vm_id, port), port))
+
+    dial_address = listen_address
+
+    def set_options(self, sock, connect_timeout=None):
+        pass  # the Hyper-V options have no TCP counterpart
+
+
+class SeedServer(threading.Thread):
+    """A stand-in peer's handshake listener, on plain sockets in a thread."""
+
+    def __init__(self, answer):
+        super().__init__(daemon=True)
+        self.answer, self.running = answer, True
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.start()
+
+    def run(self):
+        while self.running:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(self.answer)
+        self.listener.close()
+
+    def stop(self):
+        self.running = False
+        self.join(5)
+
+
+def seed_server(answer=vtunnel.SEED_PHRASE):
+    """(server, port)"""
+    server = SeedServer(answer)
+    return server, server.listener.getsockname()[1]
+
+
+def listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def eventually(predicate, seconds=10):
+    """wait_until for tests that run gevent in their own process: the hub runs while it waits."""
+    import gevent
+    for _ in range(int(seconds * 10)):
+        if predicate():
+            return True
+        gevent.sleep(0.1)
+    return predicate()

@@ -12,18 +12,12 @@ from helpers import (
     ROOT,
     Vtunnel,
     echo_server,
-    free_port,
     run_vtunnel,
     socket_dir,
     tunnel_entry,
     wait_until,
     write_config,
 )
-
-
-@pytest.fixture
-def config(tmp_path):
-    return write_config(tmp_path, [tunnel_entry("t", free_port())])
 
 
 def test_version_and_help():

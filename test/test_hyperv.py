@@ -1,9 +1,8 @@
 """The Hyper-V transport's code paths over a stand-in family.
 
-AF_HYPERV sockets cannot be created here (not on Linux, not under Wine: WSAEAFNOSUPPORT). This
-FAKE keeps HyperVTransport's own listen/connect/threadpool code and swaps only the family, the
-address and the Hyper-V socket options for loopback TCP, which is what the real one differs in.
-Runs on Linux and under the Windows Python (tox -e windows).
+AF_HYPERV sockets cannot be created here (not on Linux, not under Wine: WSAEAFNOSUPPORT): these
+tests run over helpers.FakeHyperV, HyperVTransport with loopback TCP for its family. Run on Linux and
+under the Windows Python (tox -e windows).
 """
 
 import hashlib
@@ -18,59 +17,8 @@ import gevent.socket
 import pytest
 
 import vtunnel
-from vtunnel import SEED_PHRASE, Host, HyperVTransport, Pump, Service, ThreadedListener, ThreadedSocket
-
-
-class FakeHyperV(HyperVTransport):
-    """FAKE AF_HYPERV: vsock port p of VM v is the loopback TCP port routes[v, p] (else p itself)."""
-    family = socket.AF_INET
-    protocol = 0
-    routes = {}
-
-    def listen_address(self, port):
-        return ("127.0.0.1", self.routes.get((self.vm_id, port), port))
-
-    dial_address = listen_address
-
-    def set_options(self, sock, connect_timeout=None):
-        pass  # the Hyper-V options have no TCP counterpart
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SeedServer(threading.Thread):
-    """A stand-in peer's handshake listener, on plain sockets in a thread."""
-
-    def __init__(self, answer):
-        super().__init__(daemon=True)
-        self.answer, self.running = answer, True
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.start()
-
-    def run(self):
-        while self.running:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(self.answer)
-        self.listener.close()
-
-    def stop(self):
-        self.running = False
-        self.join(5)
-
-
-def seed_server(answer=SEED_PHRASE):
-    """(server, port)"""
-    server = SeedServer(answer)
-    return server, server.listener.getsockname()[1]
+from helpers import FakeHyperV, eventually, free_port, listening, seed_server
+from vtunnel import SEED_PHRASE, Host, Pump, Service, ThreadedListener, ThreadedSocket
 
 
 def test_threaded_sockets_carry_every_byte_through_the_pump():
@@ -196,29 +144,13 @@ def test_find_vm_picks_the_vm_whose_peer_answers_the_seed():
     wrong, wrong_port = seed_server(b"x" * len(SEED_PHRASE))
     right, right_port = seed_server()
     handshake_port = 7
-    FakeHyperV.routes = {("A", 7): wrong_port, ("B", 7): right_port, ("C", 7): free_port()}  # C: nobody listens
+    hyperv = FakeHyperV(routes={("A", 7): wrong_port, ("B", 7): right_port, ("C", 7): free_port()})  # C: nobody
     try:
-        assert vtunnel.find_vm(FakeHyperV(), handshake_port, ["C", "A", "B"]) == "B"
-        assert vtunnel.find_vm(FakeHyperV(), handshake_port, ["A", "C"]) is None
+        assert vtunnel.find_vm(hyperv, handshake_port, ["C", "A", "B"]) == "B"
+        assert vtunnel.find_vm(hyperv, handshake_port, ["A", "C"]) is None
     finally:
         wrong.stop()
         right.stop()
-
-
-def listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def eventually(predicate, seconds=10):
-    for _ in range(int(seconds * 10)):
-        if predicate():
-            return True
-        gevent.sleep(0.1)
-    return predicate()
 
 
 def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
@@ -228,20 +160,20 @@ def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
     tunnel = vtunnel.parse_config(
         "tunnel:\n- {name: t, handshake-port: 7, vsock-host-port: 8, peer-address: 127.0.0.1, peer-port: 1,"
         " upstream-server-address: '127.0.0.1:1'}\n")[0]
-    FakeHyperV.routes = {("old", 7): first_port, ("old", 8): free_port()}
+    routes = {("old", 7): first_port, ("old", 8): free_port()}
     running = {"old"}
     service = Service(grace=0.1)
-    host = Host([tunnel], FakeHyperV(), service, vm_candidates=lambda: sorted(running))
+    host = Host([tunnel], FakeHyperV(routes=routes), service, vm_candidates=lambda: sorted(running))
     host.start()
-    old_listener = FakeHyperV.routes["old", 8]
+    old_listener = routes["old", 8]
     assert eventually(lambda: listening(old_listener)), "the host listens in the old VM"
     # WSL restarts: the old VM and its peer are gone, a new GUID appears.
     first.stop()
     second, second_port = seed_server()
-    FakeHyperV.routes.update({("new", 7): second_port, ("new", 8): free_port()})
+    routes.update({("new", 7): second_port, ("new", 8): free_port()})
     running.clear()
     running.add("new")
-    new_listener = FakeHyperV.routes["new", 8]
+    new_listener = routes["new", 8]
     assert eventually(lambda: listening(new_listener)), "the host listens in the new VM"
     assert not listening(old_listener), "and no longer in the old one"
     service.stopping.set()

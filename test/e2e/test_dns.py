@@ -84,15 +84,15 @@ def silent_dns(tmp_path_factory):
 def dial_through(port, payload=b"x"):
     """(what the client got: 'echo', 'eof', 'reset' or 'hung', seconds it took)."""
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=3 * RESOLVER_TIMEOUT) as sock:
-        try:
+    try:  # a reset may beat connect() back to us: the peer accepts, and fails the client at once
+        with socket.create_connection(("127.0.0.1", port), timeout=3 * RESOLVER_TIMEOUT) as sock:
             sock.sendall(payload)
             got = sock.recv(len(payload))
             what = "echo" if got == payload else "eof"
-        except (ConnectionResetError, BrokenPipeError):
-            what = "reset"
-        except TimeoutError:
-            what = "hung"
+    except (ConnectionResetError, BrokenPipeError):
+        what = "reset"
+    except TimeoutError:
+        what = "hung"
     return what, time.monotonic() - started
 
 

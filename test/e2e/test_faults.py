@@ -5,6 +5,7 @@ and no greenlet or file descriptor is left behind (both counted by the processes
 on SIGUSR1).
 """
 
+import contextlib
 import os
 import socket
 import threading
@@ -17,6 +18,7 @@ from helpers import (
     echo_server,
     echo_works,
     exchange,
+    exchange_partly,
     free_port,
     reset,
     sha256,
@@ -109,7 +111,8 @@ def ended(sock):
 
 
 def closed_promptly(port, payload=b"hello", within=5.0):
-    """Connect, send, read: returns how the client saw the end ('eof' or 'reset') within `within` s."""
+    """Connect, send, read to the end, which must come within `within` s; how the client saw it:
+    'eof' or 'reset'."""
     start = time.monotonic()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=within) as sock:
@@ -132,7 +135,7 @@ def test_upstream_refuses_then_comes_back(faulty):
     port = free_port()  # nobody listens here yet
     entry = f.add("down", upstream_port=port)
     f.start()
-    assert closed_promptly(entry["peer-port"]) in ("eof", "reset")
+    assert closed_promptly(entry["peer-port"]) == "reset"  # a failure, not an end of stream
     f.d.host.wait_for_log("upstream unreachable: connection refused")
     f.assert_healthy()
     late = echo_server(port)
@@ -206,8 +209,8 @@ def test_upstream_that_closes_without_reading(faulty):
     threading.Thread(target=serve, daemon=True).start()
     entry = f.add("rude", upstream_port=rude.getsockname()[1])
     f.start()
-    for _ in range(2):
-        assert closed_promptly(entry["peer-port"], os.urandom(1_000_000), within=10) in ("eof", "reset")
+    for _ in range(2):  # its FIN may arrive (and be passed on) before its reset for the unread bytes
+        closed_promptly(entry["peer-port"], os.urandom(1_000_000), within=10)
     f.assert_healthy()
     rude.close()
 
@@ -215,28 +218,12 @@ def test_upstream_that_closes_without_reading(faulty):
 # ---------------------------------------------------------------- process faults
 
 def big_echo_in_background(port, size):
-    """Start a large echo exchange; returns (thread, result dict)."""
-    payload = os.urandom(size)
-    result = {"sent": payload}
+    """Start a large echo exchange; returns (thread, result dict with what was sent and what came back)."""
+    result = {"sent": os.urandom(size), "got": b""}
 
     def run():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                chunks = []
-
-                def send():
-                    try:
-                        sock.sendall(payload)
-                        sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                threading.Thread(target=send, daemon=True).start()
-                while data := sock.recv(262144):
-                    chunks.append(data)
-                result["outcome"] = "eof"
-        except OSError as exc:
-            result["outcome"] = type(exc).__name__
-        result["got"] = b"".join(chunks) if "chunks" in locals() else b""
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            result["got"], _ = exchange_partly(sock, result["sent"])
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, result

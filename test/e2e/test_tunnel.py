@@ -10,9 +10,17 @@ import urllib.request
 
 import pytest
 
-from helpers import HttpServer, echo_server, echo_works, exchange, half_close_server, reply_for, sha256, wait_until
-
-MODES = ["tcp", "unix", "local"]
+from helpers import (
+    MODES,
+    HttpServer,
+    echo_server,
+    echo_works,
+    exchange,
+    half_close_server,
+    reply_for,
+    sha256,
+    wait_until,
+)
 
 
 def started(deployment, mode, echo):

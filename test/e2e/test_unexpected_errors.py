@@ -7,6 +7,7 @@ carrying one connection fails that connection as a failure (a reset at the clien
 traceback, and the process serves on.
 """
 
+import contextlib
 import os
 import socket
 
@@ -29,8 +30,8 @@ def test_a_tunnel_that_dies_of_a_bug_stops_the_process_with_its_traceback(fault,
     vtunnel, ports = local_with(fault, tmp_path, echo)
     try:
         vtunnel.wait_for_log("healthy: listening on 127.0.0.1")
-        if fault == "accept":
-            with socket.create_connection(("127.0.0.1", ports["doomed"]), timeout=10):
+        if fault == "accept":  # the first client meets the bug (and may be reset as the process stops)
+            with contextlib.suppress(ConnectionResetError), socket.create_connection(("127.0.0.1", ports["doomed"])):
                 pass
         wait_until(lambda: not vtunnel.alive(), timeout=30, what="the process to stop")
     finally:

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from helpers import (
+    MODES,
     Vtunnel,
     echo_server,
     exchange_on,
@@ -21,11 +22,10 @@ from helpers import (
     sha256,
     socket_dir,
     tunnel_entry,
+    unix_echo_server,
     wait_until,
     write_config,
 )
-
-MODES = ["tcp", "unix", "local"]
 
 
 def unix_exchange(path, payload):
@@ -40,30 +40,6 @@ def unix_echo_works(path):
         return unix_exchange(path, b"ping") == b"ping"
     except OSError:
         return False
-
-
-class UnixEchoServer:
-    """The echo upstream, on a Unix socket (via socat-free plain Python)."""
-
-    def __init__(self, path):
-        import socketserver
-
-        from helpers import _EchoHandler
-
-        class Server(socketserver.ThreadingUnixStreamServer):
-            daemon_threads = True
-            request_queue_size = 1024
-
-        self.server = Server(str(path), _EchoHandler)
-        self.server.received = []
-        self.server.record = lambda count, digest: self.server.received.append((count, digest))
-        import threading
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.received = self.server.received
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -123,7 +99,7 @@ def test_unix_client_to_tcp_upstream(deployment, sockets, mode):
 
 @pytest.mark.parametrize("mode", ["tcp", "unix"])
 def test_tcp_client_to_unix_upstream(deployment, sockets, mode):
-    upstream = UnixEchoServer(f"{sockets}/upstream.sock")
+    upstream = unix_echo_server(f"{sockets}/upstream.sock")
     try:
         d = deployment(mode)
         entry = d.add_tunnel("t2u", upstream=f"unix://{sockets}/upstream.sock")

@@ -1,6 +1,6 @@
 """Finding the VM under a real Windows Python (Wine in CI): ComputeSystem keys written by the test
 into the (Wine) registry, read with winreg by vtunnel; the handshakes go over the FAKE Hyper-V
-transport of test_hyperv.py (loopback TCP: Wine cannot create AF_HYPERV sockets)."""
+transport of helpers.FakeHyperV (loopback TCP: Wine cannot create AF_HYPERV sockets)."""
 
 import sys
 import uuid
@@ -14,9 +14,8 @@ pytestmark = [pytest.mark.windows,
 if sys.platform == "win32":
     import winreg
 
-    from test_hyperv import FakeHyperV, eventually, free_port, listening, seed_server
-
     import vtunnel
+    from helpers import FakeHyperV, eventually, free_port, listening, seed_server
 
 
 @pytest.fixture
@@ -63,22 +62,22 @@ def test_wsl_restart_moves_the_tunnel_to_the_new_vm(compute_systems, monkeypatch
     stranger, stranger_port = seed_server(b"not our peer".ljust(len(vtunnel.SEED_PHRASE)))
     peer, peer_port = seed_server()
     other_vm, old_vm = add(str(uuid.uuid4())), add(str(uuid.uuid4()))
-    FakeHyperV.routes = {(other_vm, 7): stranger_port, (old_vm, 7): peer_port, (old_vm, 8): free_port()}
+    routes = {(other_vm, 7): stranger_port, (old_vm, 7): peer_port, (old_vm, 8): free_port()}
     tunnel = vtunnel.parse_config(
         "tunnel:\n- {name: t, handshake-port: 7, vsock-host-port: 8, peer-address: 127.0.0.1, peer-port: 1,"
         " upstream-server-address: '127.0.0.1:1'}\n")[0]
     service = vtunnel.Service(grace=0.1)
-    vtunnel.Host([tunnel], FakeHyperV(), service).start()  # the real registry discovery
+    vtunnel.Host([tunnel], FakeHyperV(routes=routes), service).start()  # the real registry discovery
     try:
-        assert eventually(lambda: listening(FakeHyperV.routes[old_vm, 8])), "listening in the VM whose peer answers"
+        assert eventually(lambda: listening(routes[old_vm, 8])), "listening in the VM whose peer answers"
         # WSL restarts: its VM and peer vanish, a new GUID appears.
         peer.stop()
         remove(old_vm)
         new_peer, new_port = seed_server()
         new_vm = add(str(uuid.uuid4()))
-        FakeHyperV.routes.update({(new_vm, 7): new_port, (new_vm, 8): free_port()})
-        assert eventually(lambda: listening(FakeHyperV.routes[new_vm, 8])), "listening in the new VM"
-        assert not listening(FakeHyperV.routes[old_vm, 8])
+        routes.update({(new_vm, 7): new_port, (new_vm, 8): free_port()})
+        assert eventually(lambda: listening(routes[new_vm, 8])), "listening in the new VM"
+        assert not listening(routes[old_vm, 8])
         new_peer.stop()
     finally:
         service.stopping.set()
