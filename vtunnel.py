@@ -429,16 +429,19 @@ def _read_tunnel(entry, index, line, path, errors):
             fields[field] = convert(entry[key])
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
-    peer = _read_peer(entry, fields, line, problems)
+    peer = _read_peer(entry, {field: fields.pop(field, None) for field in PEER_FIELDS}, line, problems)
     errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in sorted(problems))
     if problems:
         return None
-    del fields["peer_address"], fields["peer_port"], fields["peer_socket"], fields["peer_socket_mode"]
     return Tunnel(peer=peer, line=line, **fields)
 
 
+PEER_FIELDS = ("peer_address", "peer_port", "peer_socket", "peer_socket_mode")  # four keys, one Tunnel.peer
+
+
 def _read_peer(entry, fields, line, problems):
-    """The peer listens on peer-address + peer-port, or on peer-socket: one form, never both."""
+    """The peer listens on peer-address + peer-port, or on peer-socket: one form, never both.
+    `fields` holds the four keys' values, converted; returns the endpoint they make."""
     tcp = [key for key in ("peer-address", "peer-port") if key in entry]
     unix = [key for key in ("peer-socket", "peer-socket-mode") if key in entry]
     if tcp and unix:
@@ -1094,6 +1097,12 @@ def closed_outright(sock):
     return False
 
 
+def is_polled(stream):
+    """Whether a stream is a socket gevent polls: the pump may then wait for it (wait_ready), send
+    with one send() (send_all) and splice it. Hyper-V's ThreadedSocket and a named pipe are not."""
+    return isinstance(stream, gevent.socket.socket)
+
+
 class Pump:
     """Carries bytes both ways between two connected endpoints.
 
@@ -1153,9 +1162,8 @@ class Pump:
             self._fail("vtunnel", exc)
 
     def _copy(self, src, dst, direction):
-        waits = isinstance(src, gevent.socket.socket)
-        sends = isinstance(dst, gevent.socket.socket)
-        sent, size, drained, in_a_row, culprit = self.sent, SMALL_READ, False, 0, src
+        waits, sends = is_polled(src), is_polled(dst)
+        sent, size, drained, in_a_row = self.sent, SMALL_READ, False, 0
         try:
             while True:
                 culprit = src
@@ -1180,13 +1188,12 @@ class Pump:
                     size = min(size * 4, CHUNK_SIZE)
                 elif len(data) < size // 16:
                     size = max(size // 4, SMALL_READ)
-            self._check_clean_end(src)  # culprit is still src
-            culprit = dst
-            self._half_close(dst)
         except socket.timeout:
             self._fail(culprit, IdleTimeout(errno.ETIMEDOUT, f"idle for {self.idle_timeout:g}s"))
         except OSError as exc:
             self._fail(culprit, exc)
+        else:
+            self._end(src, dst)
 
     def _receive(self, src, size, wait_first):
         """Up to `size` bytes from src (a gevent socket if `wait_first`: wait until it is readable)."""
@@ -1207,7 +1214,7 @@ class Pump:
         empty again, so an idle connection holds none. Returns False where the kernel lends no
         pipe or will not splice this pair: the caller copies from there on, having lost nothing.
         """
-        culprit, pipe, drained = src, None, True
+        pipe, drained = None, True
         try:
             while True:
                 culprit = src
@@ -1218,6 +1225,10 @@ class Pump:
                     return False
                 moved = _splice_once(src, src.fileno(), pipe[1], CHUNK_SIZE)
                 if not moved:  # the end of src (0), or a socket the kernel cannot splice (None)
+                    PIPES.give_back(pipe)  # empty
+                    pipe = None
+                    if moved is None:
+                        return False
                     break
                 drained = moved < CHUNK_SIZE  # as in _copy: then wait before trying
                 culprit = dst
@@ -1226,18 +1237,13 @@ class Pump:
                 pipe = None
                 if not spliced:
                     return False
-            PIPES.give_back(pipe)
-            pipe = None
-            if moved is None:
-                return False
-            self._check_clean_end(src)  # culprit is still src
-            culprit = dst
-            self._half_close(dst)
         except OSError as exc:
             self._fail(culprit, exc)
+            return True
         finally:
             if pipe is not None:
                 PIPES.discard(pipe)  # a failure may have left bytes in it
+        self._end(src, dst)
         return True
 
     def _empty_pipe(self, pipe, dst, moved, direction):
@@ -1255,8 +1261,9 @@ class Pump:
             self.sent[direction] += sent
         return True
 
-    def _check_clean_end(self, src):
-        """src has ended: raise if that end of stream stands for a failure.
+    def _end(self, src, dst):
+        """src has ended: pass that on to dst, as a half-close, or as a failure if it stands
+        for one. The last step of every direction, copied or spliced.
 
         A tunnel leg's far end is a vtunnel, which half-closes when its side ends
         cleanly and closes outright only when it fails or dies. Where the kernel
@@ -1264,11 +1271,13 @@ class Pump:
         from an end of stream, and it is passed on as a failure.
         """
         if src is self.leg and src not in self.half_closed and closed_outright(src):
-            raise ConnectionResetError(errno.ECONNRESET, "closed outright: the other end failed")
-
-    def _half_close(self, dst):
-        """Pass an end of stream on to dst."""
-        dst.shutdown(socket.SHUT_WR)
+            self._fail(src, ConnectionResetError(errno.ECONNRESET, "closed outright: the other end failed"))
+            return
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._fail(dst, exc)
+            return
         self.half_closed.add(dst)
 
     def _fail(self, culprit, exc):
@@ -1289,7 +1298,7 @@ def splice_pays(left, right):
     carried no more and cost the machine more CPU than copying (the zero-copy
     pages make loopback TCP's softirq work harder, charged to no process).
     """
-    return (SPLICE and isinstance(left, gevent.socket.socket) and isinstance(right, gevent.socket.socket)
+    return (SPLICE and is_polled(left) and is_polled(right)
             and socket.AF_UNIX in (left.family, right.family))
 
 
