@@ -691,8 +691,8 @@ def describe_socket(sock):
 
 
 def _address(address):
-    if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(*address[:2])
+    if isinstance(address, tuple) and len(address) >= 2:  # (host, port, ...); AF_VSOCK: (cid, port)
+        return format_host_port(str(address[0]), address[1])
     return address.decode(errors="replace") if isinstance(address, bytes) else str(address or "unnamed")
 
 
@@ -1722,8 +1722,24 @@ def failed_end(pump, near_name, far_name):
 def relay(tunnel, stats, conn_id, near, dial_far, near_name, where, leg_is_near):
     """Dial the far end for `near`, then pump the two; count and log what happened.
 
-    One of the two is the tunnel leg, whose far end is the other vtunnel.
+    One of the two is the tunnel leg, whose far end is the other vtunnel. A bug
+    met here fails the connection, loudly: returning would close `near` cleanly,
+    an end of stream that would pass for a complete transfer.
     """
+    far = None
+    try:
+        far = _dial_for(tunnel, stats, conn_id, near, dial_far, near_name, where)
+        if far is not None:
+            _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_near)
+    except Exception:
+        log.exception("%s #%d: unexpected error: ending this connection in failure", tunnel.name, conn_id)
+        for sock in (near, far):
+            if sock is not None:
+                abort(sock)
+
+
+def _dial_for(tunnel, stats, conn_id, near, dial_far, near_name, where):
+    """The far end's connected stream, or None (then `near` is aborted and the failure counted)."""
     stats.total += 1
     dialling = time.monotonic()
     try:
@@ -1733,14 +1749,18 @@ def relay(tunnel, stats, conn_id, near, dial_far, near_name, where, leg_is_near)
         log.warning("%s #%d %s: %s unreachable: %s; closing the %s", tunnel.name, conn_id, where,
                     stats.far_name, _reason(exc), near_name)
         abort(near)
-        return
+        return None
+    log.debug("%s #%d: dialled %s in %.3fs", tunnel.name, conn_id, stats.far_name, time.monotonic() - dialling)
+    return far
+
+
+def _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_near):
     pump = Pump(near, far, tunnel.idle_timeout, leg=near if leg_is_near else far)
     stats.opened(pump)
     log.info("%s #%d opened %s", tunnel.name, conn_id, where)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s #%d: %s %s, %s %s; dialled in %.3fs; bytes move by %s", tunnel.name, conn_id, near_name,
-                  describe_socket(near), stats.far_name, describe_socket(far), time.monotonic() - dialling,
-                  "splice" if pump.splices else "copy through Python")
+        log.debug("%s #%d: %s %s, %s %s; bytes move by %s", tunnel.name, conn_id, near_name, describe_socket(near),
+                  stats.far_name, describe_socket(far), "splice" if pump.splices else "copy through Python")
     try:
         pump.run()
     finally:  # killed at the end of the grace period too: the cut connection is counted and logged

@@ -69,3 +69,11 @@ def test_unix_transport_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path)
         live.close()
         transport.close_listener(7)
     assert not (tmp_path / "v_7").exists()
+
+
+def test_debug_lines_name_every_kind_of_socket_address():
+    """AF_VSOCK's addresses are (cid, port), with an int where TCP has a host: the debug line of every
+    real-vsock connection once raised TypeError here, and the connection ended as a clean close."""
+    assert vtunnel._address((2, 1234)) == "2:1234"
+    assert vtunnel._address(("::1", 80, 0, 0)) == "[::1]:80"
+    assert vtunnel._address("/run/a.sock") == "/run/a.sock" and vtunnel._address("") == "unnamed"

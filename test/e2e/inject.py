@@ -50,6 +50,19 @@ def pump():
     vtunnel.send_all = broken
 
 
+def relay():
+    """The first connection of "healthy" meets a bug after its far end is dialled, before the pump runs."""
+    opened = vtunnel.Stats.opened
+    hit = []
+
+    def broken(self, pump):
+        if self.label == "healthy (peer)" and not hit:
+            hit.append(pump)
+            raise TypeError("injected: a bug before the pump")
+        return opened(self, pump)
+    vtunnel.Stats.opened = broken
+
+
 def gevent_moved():
     """A gevent upgrade that moved a socket internal the pump waits with."""
     import gevent._socketcommon

@@ -43,8 +43,10 @@ def test_a_tunnel_that_dies_of_a_bug_stops_the_process_with_its_traceback(fault,
     assert log.rstrip().endswith(f"ERROR stopped after an unexpected error in {where} (its traceback is above)")
 
 
-def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(tmp_path, echo):
-    vtunnel, ports = local_with("pump", tmp_path, echo)
+@pytest.mark.parametrize("fault,cause", [("pump", "injected: a bug in the pump"),
+                                         ("relay", "injected: a bug before the pump")])
+def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(fault, cause, tmp_path, echo):
+    vtunnel, ports = local_with(fault, tmp_path, echo)
     try:
         vtunnel.wait_for_log("healthy: listening on 127.0.0.1")
         with socket.create_connection(("127.0.0.1", ports["healthy"]), timeout=20) as sock:
@@ -52,8 +54,12 @@ def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(tm
             with pytest.raises(ConnectionResetError):
                 while sock.recv(65536):
                     pass
-        vtunnel.wait_for_log("failed (vtunnel: injected: a bug in the pump)")
-        assert "ERROR unexpected error carrying bytes: ending this connection in failure\nTraceback" in vtunnel.log
+        if fault == "pump":
+            vtunnel.wait_for_log(f"failed (vtunnel: {cause})")
+            assert "ERROR unexpected error carrying bytes: ending this connection in failure\nTraceback" in vtunnel.log
+        else:
+            vtunnel.wait_for_log(f"TypeError: {cause}")
+            assert "ERROR healthy #1: unexpected error: ending this connection in failure\nTraceback" in vtunnel.log
         assert echo_works(ports["healthy"], 100_000) and vtunnel.alive()
     finally:
         vtunnel.stop()
