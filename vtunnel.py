@@ -1554,11 +1554,47 @@ class ConnectionIds:
             self.legs.pop(address, None)
 
 
+class Notifier:
+    """systemd's sd_notify protocol, spoken only when systemd sets NOTIFY_SOCKET (a socket path, or
+    @name for an abstract one): one datagram per message, so no library is needed. READY=1 once every
+    listener is bound, STATUS= as tunnels come and go, STOPPING=1 on a stop signal, and WATCHDOG=1
+    every half of WATCHDOG_USEC from a greenlet: a stalled event loop stops the pings, and systemd
+    restarts the process."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.get("NOTIFY_SOCKET") if hasattr(socket, "AF_UNIX") else None
+        self.address = "\0" + address[1:] if address and address.startswith("@") else address
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = not pid.isdigit() or int(pid) == os.getpid()
+        self.watchdog = int(usec) / 1e6 if self.address and usec.isdigit() and int(usec) and mine else None
+        self.sock, self.warned = None, False
+
+    def send(self, *messages):
+        if not self.address:
+            return
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # sendto never blocks it long
+            self.sock.sendto("\n".join(messages).encode(), self.address)
+        except OSError as exc:
+            if not self.warned:
+                log.warning("cannot tell systemd (NOTIFY_SOCKET=%s): %s", self.address.replace("\0", "@"),
+                            _reason(exc))
+                self.warned = True
+
+    def ping_forever(self):
+        while True:
+            self.send("WATCHDOG=1")
+            gevent.sleep(self.watchdog / 2)
+
+
 class Service:
     """Holds the servers of one process, and stops them on a signal or a fatal error."""
 
     def __init__(self, grace=5.0, stats_interval=None):
         self.grace, self.stats_interval = grace, stats_interval
+        self.notifier = Notifier()
+        self.status = lambda: "starting"  # what STATUS= says: set by the roles
         self.servers = []
         self.greenlets = gevent.pool.Group()
         self.stopping = gevent.event.Event()
@@ -1612,8 +1648,18 @@ class Service:
         log.exception("unexpected error in %s; stopping", where)
         self.fail(f"stopped after an unexpected error in {where} (its traceback is above)")
 
+    def ready(self):
+        """Every listener is bound (the host's tunnels listen or wait for their peer)."""
+        self.notifier.send("READY=1", f"STATUS={self.status()}")
+        log.debug("ready: %s", self.status())
+
+    def status_changed(self):
+        self.notifier.send(f"STATUS={self.status()}")
+
     def run(self):
         """Serve until asked to stop; return the exit code."""
+        if self.notifier.watchdog:
+            self.spawn(self.notifier.ping_forever)
         if self.stats_interval:
             self.spawn(self._log_stats_every, self.stats_interval)
         self.stopping.wait()
@@ -1640,6 +1686,7 @@ class Service:
     def _on_stop_signal(self, signum):
         name = signal.Signals(signum).name
         if not self.stopping.is_set():
+            self.notifier.send("STOPPING=1")
             for server in self.servers:  # before the log line says so
                 server.close()
             log.info("%s: no new connections; open ones have %gs to finish (send it again to end them now)",
@@ -1778,6 +1825,7 @@ class Peer:
 
     def __init__(self, tunnels, transport, service):
         self.tunnels, self.transport, self.service = tunnels, transport, service
+        service.status = lambda: f"{len(tunnels)} tunnel(s) listening"
 
     def start(self):
         for tunnel in self.tunnels:
@@ -1826,6 +1874,8 @@ class Host:
     def __init__(self, tunnels, transport, service, vm_candidates=None):
         self.tunnels, self.transport, self.service = tunnels, transport, service
         self.vm_candidates = vm_candidates or candidate_vm_ids
+        self.connected = set()  # the tunnels listening for their peer now
+        service.status = lambda: f"{len(self.connected)}/{len(tunnels)} tunnel(s) connected to the peer"
 
     def start(self):
         for tunnel in self.tunnels:
@@ -1839,10 +1889,14 @@ class Host:
             server = self.service.start_server(tunnel, legs, partial(self.carry, tunnel, stats), tunnel.name,
                                                tunnel.max_connections)
             log.info("%s: listening on %s, carrying to %s", tunnel.name, legs, tunnel.upstream)
+            self.connected.add(tunnel.name)
+            self.service.status_changed()
             if not transport.per_vm:
                 return
             self.watch_peer(tunnel, transport, server)
             server.close()  # open connections run on; new ones go to wherever the peer is now
+            self.connected.discard(tunnel.name)
+            self.service.status_changed()
             log.warning("%s: the peer at %s stopped answering; looking for it again", tunnel.name, transport)
 
     def wait_for_peer(self, tunnel):
@@ -2102,6 +2156,7 @@ def run(args):
     except StartupError:
         service.close()  # what did start is closed, and its socket files are removed
         raise
+    service.ready()
     return service.run()
 
 

@@ -301,16 +301,16 @@ def socket_dir():
 class Vtunnel:
     """A real `vtunnel` process; its log goes to a file the test can read."""
 
-    def __init__(self, *args, log_dir, max_files=None, prefix=(), launcher=("-m", "vtunnel")):
+    def __init__(self, *args, log_dir, max_files=None, prefix=(), launcher=("-m", "vtunnel"), env=None):
         """prefix: a command that runs the vtunnel command line it is given (unshare, for one);
-        launcher: what Python runs, vtunnel itself unless a test says otherwise."""
+        launcher: what Python runs, vtunnel itself unless a test says otherwise; env: added to ours."""
         self.args = [str(a) for a in args]
         self.log_path = Path(log_dir) / f"vtunnel-{self.args[0]}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
         limit = partial(_limit_files, max_files) if max_files else None
         self.process = subprocess.Popen([*prefix, sys.executable, *launcher, *self.args],
-                                        stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, preexec_fn=limit)
+                                        env={**os.environ, **(env or {})}, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=limit)
 
     @property
     def log(self):

@@ -63,6 +63,20 @@ def relay():
     vtunnel.Stats.opened = broken
 
 
+def stall_on_sigusr2():
+    """SIGUSR2 blocks the event loop for one second (time.sleep, not gevent's): a loop stuck in a call."""
+    import signal
+    import time
+
+    import gevent
+    real_run = vtunnel.Service.run
+
+    def run(self):
+        gevent.signal_handler(signal.SIGUSR2, time.sleep, 1.0)
+        return real_run(self)
+    vtunnel.Service.run = run
+
+
 def gevent_moved():
     """A gevent upgrade that moved a socket internal the pump waits with."""
     import gevent._socketcommon

@@ -1,0 +1,90 @@
+"""systemd's sd_notify protocol against a real datagram socket standing in for systemd: readiness,
+status, the watchdog's cadence (and its silence while the event loop is stalled), stopping."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import ROOT, Vtunnel, socket_dir, tunnel_entry, wait_until, write_config
+
+WATCHDOG_USEC = 400_000  # pings every 0.2 s
+
+
+class FakeSystemd(threading.Thread):
+    """The NOTIFY_SOCKET end: a thread stamps every datagram with its arrival, seconds from the start."""
+
+    def __init__(self, abstract=False):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"vtunnel-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.address = f"{socket_dir()}/notify"
+            self.sock.bind(self.address)
+        self.messages, self.started = [], time.monotonic()
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.messages.append((time.monotonic() - self.started, data.decode()))
+
+    def said(self, text):
+        return any(text in message for _, message in list(self.messages))
+
+    def pings(self, since=0.0, until=float("inf")):
+        return [at for at, message in list(self.messages) if message == "WATCHDOG=1" and since <= at < until]
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_status_watchdog_and_stopping(tmp_path, abstract):
+    systemd = FakeSystemd(abstract)
+    entries = [tunnel_entry("a", 1), tunnel_entry("b", 1)]
+    vtunnel = Vtunnel("local", "--config-path", write_config(tmp_path, entries), log_dir=tmp_path,
+                      env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)},
+                      launcher=(ROOT / "test/e2e/inject.py", "stall_on_sigusr2"))
+    try:
+        wait_until(lambda: systemd.said("READY=1"), what="READY=1")
+        ready = next(message for _, message in systemd.messages if "READY=1" in message)
+        assert ready.startswith("READY=1\nSTATUS=") and "tunnel(s) connected to the peer" in ready
+        wait_until(lambda: systemd.said("STATUS=2/2 tunnel(s) connected to the peer"), what="both tunnels up")
+        # The watchdog: pings at half of WATCHDOG_USEC while the loop runs...
+        time.sleep(1.2)
+        now = time.monotonic() - systemd.started
+        assert len(systemd.pings(now - 1.0, now)) >= 3
+        # ...and none while the loop is stuck in a call for a second (inject.py's stall_on_sigusr2).
+        vtunnel.process.send_signal(signal.SIGUSR2)
+        time.sleep(0.1)
+        stalled_from = time.monotonic() - systemd.started
+        time.sleep(0.8)
+        stalled_until = time.monotonic() - systemd.started
+        wait_until(lambda: systemd.pings(stalled_until), what="the pings to resume")
+        assert systemd.pings(stalled_from, stalled_until) == []
+        assert vtunnel.stop() == 0
+        assert systemd.said("STOPPING=1")
+        order = [message.split("\n")[0] for _, message in systemd.messages if message != "WATCHDOG=1"]
+        assert order[0] == "READY=1" and order[-1] == "STOPPING=1"
+    finally:
+        vtunnel.stop()
+
+
+def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_one_warning(tmp_path):
+    path = f"{socket_dir()}/nobody-listens"
+    vtunnel = Vtunnel("local", "--config-path", write_config(tmp_path, [tunnel_entry("a", 1)]), log_dir=tmp_path,
+                      env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    try:
+        vtunnel.wait_for_log("a: listening on tcp:")
+        time.sleep(0.6)  # a few pings, each refused
+        assert vtunnel.log.count(f"cannot tell systemd (NOTIFY_SOCKET={path})") == 1
+        assert vtunnel.alive()
+    finally:
+        assert vtunnel.stop() == 0
