@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # The pump waits with three gevent internals (vtunnel.wait_ready): the range is what tox's
     # gevent-oldest and gevent-newest environments test.
-    install_requires=["gevent>=23.9,<27", "pyyaml>=6.0", "docopt-ng>=0.9"],
+    install_requires=["gevent>=23.9,<27", "pyyaml>=6.0", "docopt-ng>=0.9", "prometheus_client>=0.17"],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     entry_points={"console_scripts": ["vtunnel = vtunnel:main_exit"]},
 )

@@ -28,6 +28,8 @@ Options:
   --stats-interval SECONDS
                        log each tunnel's counters this often; 0 is never
                        (they are logged on SIGUSR1 and at exit) [default: 0].
+  --metrics ADDRESS    serve the counters over HTTP: /metrics for Prometheus,
+                       /status as JSON; on IP:PORT or unix:///PATH (mode 0600).
   -h --help            show this text.
   --version            show the version.
 
@@ -60,6 +62,7 @@ import functools
 import gc
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import re
@@ -1487,8 +1490,9 @@ class ThreadedServer:
 class Stats:
     """Counters for one tunnel at one end: logged on an interval, on SIGUSR1 and at shutdown."""
 
-    def __init__(self, label, far_name):
-        self.label, self.far_name = label, far_name
+    def __init__(self, tunnel, end, far_name):
+        self.tunnel, self.end, self.far_name = tunnel, end, far_name
+        self.label = f"{tunnel} ({end})"
         self.total = 0
         self.pumps = set()  # of the open connections: their bytes count as they move
         self.sent_by_closed = [0, 0]  # bytes towards the far end, bytes back
@@ -1619,8 +1623,8 @@ class Service:
         self.servers.append(server)
         return server
 
-    def new_stats(self, label, far_name):
-        self.stats.append(Stats(label, far_name))
+    def new_stats(self, tunnel, end, far_name):
+        self.stats.append(Stats(tunnel, end, far_name))
         return self.stats[-1]
 
     def spawn(self, function, *args):
@@ -1655,6 +1659,26 @@ class Service:
 
     def status_changed(self):
         self.notifier.send(f"STATUS={self.status()}")
+
+    def serve_metrics(self, address):
+        """/metrics (the Prometheus text format, by prometheus_client) and /status (JSON) on
+        gevent's pywsgi, from the same counters the log shows, live."""
+        from gevent.pywsgi import WSGIServer
+        endpoint = parse_upstream(address)  # IP:PORT or unix:///PATH, as an upstream is written
+        if isinstance(endpoint, PipeEndpoint):
+            raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH")
+        if not endpoint.is_loopback:
+            log.warning("metrics on %s, not a loopback address: anyone who can reach it reads them", endpoint)
+        try:
+            listener = endpoint.listen()
+        except OSError as exc:
+            raise StartupError(f"--metrics: cannot listen on {endpoint}: {_reason(exc)}") from None
+        self.cleanups.append(endpoint.close_listener)
+        server = WSGIServer(listener, MetricsApp(self), spawn=gevent.pool.Pool(16), log=None, error_log=log)
+        server.start()
+        self.servers.append(server)
+        log.info("metrics: serving /metrics and /status on %s", endpoint)
+
 
     def run(self):
         """Serve until asked to stop; return the exit code."""
@@ -1725,6 +1749,56 @@ class Service:
         for cleanup in self.cleanups:
             cleanup()
         self.cleanups.clear()
+
+
+class MetricsApp:
+    """The WSGI application behind --metrics."""
+
+    def __init__(self, service):
+        import prometheus_client.core
+        import prometheus_client.exposition
+        self.service = service
+        self.registry = prometheus_client.core.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.exposition = prometheus_client.exposition
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body, kind = self.exposition.generate_latest(self.registry), self.exposition.CONTENT_TYPE_LATEST
+        elif path == "/status":
+            body, kind = json.dumps(self.status(), indent=1).encode() + b"\n", "application/json"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"try /metrics or /status\n"]
+        start_response("200 OK", [("Content-Type", kind)])
+        return [body]
+
+    def collect(self):
+        """prometheus_client's collector protocol: one family per counter, a sample per tunnel and end."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        labels = ["tunnel", "end"]
+        open_ = GaugeMetricFamily("vtunnel_connections_open", "Connections open now", labels=labels)
+        total = CounterMetricFamily("vtunnel_connections", "Connections carried", labels=labels)
+        moved = CounterMetricFamily("vtunnel_bytes", "Bytes carried, counted as they move",
+                                    labels=labels + ["direction"])
+        failures = CounterMetricFamily("vtunnel_failures", "Connections that failed", labels=labels + ["cause"])
+        for stats in self.service.stats:
+            ids = [stats.tunnel, stats.end]
+            open_.add_metric(ids, stats.open)
+            total.add_metric(ids, stats.total)
+            sent = stats.sent
+            moved.add_metric(ids + [f"to {stats.far_name}"], sent[0])
+            moved.add_metric(ids + ["back"], sent[1])
+            for cause, count in stats.failures.items():
+                failures.add_metric(ids + [cause], count)
+        return [open_, total, moved, failures]
+
+    def status(self):
+        return {"status": self.service.status(),
+                "tunnels": [{"tunnel": s.tunnel, "end": s.end, "open": s.open, "total": s.total,
+                             "bytes": {f"to {s.far_name}": s.sent[0], "back": s.sent[1]},
+                             "failures": dict(s.failures)} for s in self.service.stats]}
 
 
 def raise_descriptor_limit():
@@ -1835,7 +1909,7 @@ class Peer:
             handshakes = self.transport.endpoint(tunnel.handshake_port)
             self.service.start_server(tunnel, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
             log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
-            stats = self.service.new_stats(f"{tunnel.name} (peer)", "host")
+            stats = self.service.new_stats(tunnel.name, "peer", "host")
             host = self.transport.endpoint(tunnel.vsock_host_port)
             self.service.start_server(tunnel, tunnel.peer, partial(self.carry, tunnel, host, stats), tunnel.name,
                                       tunnel.max_connections)
@@ -1882,7 +1956,7 @@ class Host:
             self.service.spawn(self.serve_tunnel, tunnel)
 
     def serve_tunnel(self, tunnel):
-        stats = self.service.new_stats(f"{tunnel.name} (host)", "upstream")
+        stats = self.service.new_stats(tunnel.name, "host", "upstream")
         while True:
             transport = self.wait_for_peer(tunnel)
             legs = transport.endpoint(tunnel.vsock_host_port)
@@ -2156,6 +2230,8 @@ def run(args):
     except StartupError:
         service.close()  # what did start is closed, and its socket files are removed
         raise
+    if args["--metrics"]:
+        service.serve_metrics(args["--metrics"])
     service.ready()
     return service.run()
 

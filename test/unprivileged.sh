@@ -30,7 +30,7 @@ if [ ! -x "$WORK/venv/bin/python" ]; then
   "$PYTHON" -m venv "$WORK/venv"
 fi
 "$WORK/venv/bin/pip" install --quiet --disable-pip-version-check "gevent>=23.9,<27" "pyyaml>=6.0" "docopt-ng>=0.9" \
-  "pytest>=7" "pytest-xdist>=3"
+  "prometheus_client>=0.17" "pytest>=7" "pytest-xdist>=3"
 rm -rf "$WORK/tree" && mkdir "$WORK/tree"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK/tree"
 chmod -R a+rX "$WORK"
