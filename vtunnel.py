@@ -1711,8 +1711,7 @@ class Service:
         name = signal.Signals(signum).name
         if not self.stopping.is_set():
             self.notifier.send("STOPPING=1")
-            for server in self.servers:  # before the log line says so
-                server.close()
+            self.stop_accepting()  # before the log line says so
             log.info("%s: no new connections; open ones have %gs to finish (send it again to end them now)",
                      name, self.grace)
             self.stopping.set()
@@ -1733,19 +1732,24 @@ class Service:
 
     def _drain(self):
         """Stop accepting; give open connections the grace period, then abort what is left."""
-        for server in self.servers:
-            server.close()
+        self.stop_accepting()  # already, after a stop signal; not after a fatal error
         finishing = gevent.spawn(lambda: [server.pool.join() for server in self.servers])
         gevent.wait([finishing, self.hurry], timeout=self.grace, count=1)
         finishing.kill()
         for server in self.servers:
             server.pool.kill(block=True, timeout=1)  # each pump aborts its connection and logs it
-        self.close()
+        self.remove_socket_files()
 
     def close(self):
-        """Close every listener and remove the socket files this process made."""
+        """Close every listener and remove the socket files this process made (a start that failed)."""
+        self.stop_accepting()
+        self.remove_socket_files()
+
+    def stop_accepting(self):
         for server in self.servers:
             server.close()
+
+    def remove_socket_files(self):
         for cleanup in self.cleanups:
             cleanup()
         self.cleanups.clear()
@@ -1795,10 +1799,13 @@ class MetricsApp:
         return [open_, total, moved, failures]
 
     def status(self):
-        return {"status": self.service.status(),
-                "tunnels": [{"tunnel": s.tunnel, "end": s.end, "open": s.open, "total": s.total,
-                             "bytes": {f"to {s.far_name}": s.sent[0], "back": s.sent[1]},
-                             "failures": dict(s.failures)} for s in self.service.stats]}
+        return {"status": self.service.status(), "tunnels": [self.tunnel_status(s) for s in self.service.stats]}
+
+    @staticmethod
+    def tunnel_status(stats):
+        sent = stats.sent  # summed over the open connections: once
+        return {"tunnel": stats.tunnel, "end": stats.end, "open": stats.open, "total": stats.total,
+                "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures)}
 
 
 def raise_descriptor_limit():
@@ -1903,9 +1910,8 @@ class Peer:
 
     def start(self):
         for tunnel in self.tunnels:
-            if not tunnel.peer.is_loopback:
-                log.warning("%s: %s is not a loopback address: anyone who can reach it reaches %s "
-                            "through the host", tunnel.name, tunnel.peer, tunnel.upstream)
+            if warning := exposed_peer(tunnel):
+                log.warning("%s: %s", tunnel.name, warning)
             handshakes = self.transport.endpoint(tunnel.handshake_port)
             self.service.start_server(tunnel, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
             log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
@@ -2116,22 +2122,34 @@ def check_transport(tunnels, transport):
                                  f"{transport} transport, whose ports stop at {transport.max_port}")
 
 
+def unavailable_upstream(tunnel):
+    """Why a host on this platform cannot dial the tunnel's upstream, or None."""
+    if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
+        return vtunnel_npipe.UNAVAILABLE_REASON
+    return None
+
+
+def exposed_peer(tunnel):
+    """Why the tunnel's peer address deserves a warning, or None."""
+    if tunnel.peer.is_loopback:
+        return None
+    return (f"{tunnel.peer} is not a loopback address: anyone who can reach it reaches {tunnel.upstream} "
+            "through the host")
+
+
 def check_upstreams(tunnels):
     for tunnel in tunnels:
-        if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
-            raise StartupError(f"tunnel {tunnel.name!r}: upstream {tunnel.upstream}: "
-                               f"{vtunnel_npipe.UNAVAILABLE_REASON}")
+        if reason := unavailable_upstream(tunnel):
+            raise StartupError(f"tunnel {tunnel.name!r}: upstream {tunnel.upstream}: {reason}")
 
 
 def config_warnings(tunnels):
     """What `check` tells beside the table: what peer, host or local would refuse or warn about here."""
     for tunnel in tunnels:
-        if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
-            yield (f"tunnel {tunnel.name!r}: a host here would refuse upstream {tunnel.upstream}: "
-                   f"{vtunnel_npipe.UNAVAILABLE_REASON}")
-        if not tunnel.peer.is_loopback:
-            yield (f"tunnel {tunnel.name!r}: {tunnel.peer} is not a loopback address: anyone who can reach it "
-                   f"reaches {tunnel.upstream} through the host")
+        if reason := unavailable_upstream(tunnel):
+            yield f"tunnel {tunnel.name!r}: a host here would refuse upstream {tunnel.upstream}: {reason}"
+        if warning := exposed_peer(tunnel):
+            yield f"tunnel {tunnel.name!r}: {warning}"
 
 
 def format_table(tunnels):
@@ -2194,8 +2212,9 @@ def _usage_problem(argv, message):
 
 
 def run(args):
-    if gevent_problem():
-        raise StartupError(gevent_problem())
+    problem = gevent_problem()
+    if problem:
+        raise StartupError(problem)
     tunnels = load_config(args["--config-path"])
     if args["check"]:
         print(format_table(tunnels))

@@ -250,6 +250,14 @@ def read_all(stream):
     return b"".join(chunks)
 
 
+def how_it_ended(sock):
+    """Read to the end: ('eof', the bytes) after a clean end of stream, or ('reset', None)."""
+    try:
+        return "eof", read_all(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset", None
+
+
 def reset(sock):
     """Close with a reset (RST), as a crashing or aborting program does."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

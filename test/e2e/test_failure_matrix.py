@@ -19,7 +19,7 @@ import time
 import pytest
 from test_vsock import in_vsock_guest
 
-from helpers import read_all, reset, socket_dir, wait_until
+from helpers import how_it_ended, reset, socket_dir, wait_until
 
 VSOCK_GUEST = pytest.mark.skipif(not in_vsock_guest(), reason="real AF_VSOCK runs only inside the throwaway "
                                  "guest of test/vsockvm.sh (tox -e vsock)")
@@ -34,14 +34,6 @@ def fail(sock):
         sock.close()  # the caller left bytes unread
     else:
         reset(sock)
-
-
-def outcome(sock):
-    """Read to the end: 'eof' or 'reset', and the bytes read."""
-    try:
-        return "eof", len(read_all(sock))
-    except (ConnectionResetError, BrokenPipeError):
-        return "reset", None
 
 
 class ScriptedUpstream(threading.Thread):
@@ -74,7 +66,7 @@ class ScriptedUpstream(threading.Thread):
                     fail(conn)
                 else:  # sees what happens when the client fails
                     conn.sendall(b"hi")
-                    self.seen.append(outcome(conn)[0])
+                    self.seen.append(how_it_ended(conn)[0])
 
     def stop(self):
         self.listener.close()
@@ -121,7 +113,7 @@ def test_failure_matrix(deployment, transport):
             server.part = "fails"
             sock = connect_client(client, entries[name])
             sock.sendall(b"hello")
-            found[("upstream fails", client, upstream)], _ = outcome(sock)
+            found[("upstream fails", client, upstream)], _ = how_it_ended(sock)
             sock.close()
 
             server.part = "watches"

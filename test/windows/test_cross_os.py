@@ -17,7 +17,7 @@ from helpers import (
     ROOT,
     Vtunnel,
     echo_server,
-    read_all,
+    how_it_ended,
     reset,
     sha256,
     socket_dir,
@@ -198,7 +198,7 @@ def pipe_faults(tmp_path_factory):
 def test_a_pipe_server_that_closes_mid_reply_reaches_the_client_as_an_end_of_stream(pipe_faults):
     with socket.create_connection(("127.0.0.1", pipe_faults["ports"]["pipe-burst"]), timeout=60) as sock:
         sock.sendall(b"a request the server never reads")
-        what, received = outcome_with_bytes(sock)
+        what, received = how_it_ended(sock)
     assert what == "eof"  # a pipe's only end: the client cannot tell it from a complete reply
     pipe_faults["burst"].wait_for(f"sent {len(received)} {sha256(received)}")  # every byte before it
 
@@ -220,15 +220,8 @@ def test_a_linux_client_that_resets_reaches_the_pipe_server_as_its_end(pipe_faul
 def test_a_connection_the_windows_host_fails_is_reset_at_the_linux_client(pipe_faults):
     with socket.create_connection(("127.0.0.1", pipe_faults["ports"]["pipe-idle"]), timeout=60) as sock:
         assert round_trip(sock, b"ping") == b"ping"
-        assert outcome_with_bytes(sock)[0] == "reset"  # the host's idle timeout, 1 s later
+        assert how_it_ended(sock)[0] == "reset"  # the host's idle timeout, 1 s later
     pipe_faults["host"].wait_for_match(r"pipe-idle #\d+ failed \(peer: idle for 1s\)")
     wait_until(lambda: re.search(r"pipe-idle #\d+ failed \(host: connection reset by peer\)", pipe_faults["peer"].log),
                what="the peer's close line")
 
-
-def outcome_with_bytes(sock):
-    """Read to the end: ('eof', the bytes) or ('reset', None)."""
-    try:
-        return "eof", read_all(sock)
-    except ConnectionResetError:
-        return "reset", None
