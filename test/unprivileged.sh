@@ -6,13 +6,14 @@
 # descriptor limit, so a suite run as root cannot see what such a user meets. Run as root (CI), this
 # creates the user vtunnel-test if it is missing, copies the tree to a directory that user can read,
 # builds a venv there with the system's python3 (root's own Python may sit under /root, which the user
-# cannot enter), and runs the tests as that user. Run as any other user, it only lowers the limit.
+# cannot enter), and runs the tests as that user. Run as any other user, it only lowers the limit and
+# runs pytest with $VTUNNEL_PYTHON (tox sets it to this stage's own Python, which has the test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=1024
 if [ "$(id -u)" != 0 ]; then
   ulimit -Sn "$LIMIT"
-  exec python3 -m pytest "$@"
+  exec "${VTUNNEL_PYTHON:-python3}" -m pytest -p no:cacheprovider "$@"
 fi
 
 USER_NAME=${VTUNNEL_TEST_USER:-vtunnel-test}
