@@ -1,10 +1,12 @@
 """vtunnel: a TCP tunnel over VM sockets.
 
 Usage:
-  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [options]
-  vtunnel host  --config-path PATH [--vsock TRANSPORT] [--vm-id GUID] [options]
-  vtunnel local --config-path PATH [options]
+  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [--metrics ADDRESS] [options]
+  vtunnel host  --config-path PATH [--vsock TRANSPORT] [--vm-id GUID] [--metrics ADDRESS] [options]
+  vtunnel local --config-path PATH [--metrics ADDRESS] [options]
   vtunnel check --config-path PATH
+  vtunnel status --metrics ADDRESS
+  vtunnel reload --metrics ADDRESS
   vtunnel (-h | --help)
   vtunnel --version
 
@@ -15,6 +17,9 @@ Commands:
          and carry every connection to the tunnel's upstream server.
   local  both ends in one process over loopback TCP: try a config with no VM.
   check  validate the config and print its tunnels.
+  status ask a vtunnel running with --metrics ADDRESS how its tunnels are.
+  reload tell a vtunnel running with --metrics ADDRESS to re-read its config,
+         as SIGHUP does (Windows has no SIGHUP).
 
 Options:
   --config-path PATH   the YAML file with the 'tunnel:' list.
@@ -29,7 +34,8 @@ Options:
                        log each tunnel's counters this often; 0 is never
                        (they are logged on SIGUSR1 and at exit) [default: 0].
   --metrics ADDRESS    serve the counters over HTTP: /metrics for Prometheus,
-                       /status as JSON; on IP:PORT or unix:///PATH (mode 0600).
+                       /status as JSON, POST /reload; on IP:PORT or
+                       unix:///PATH (mode 0600).
   -h --help            show this text.
   --version            show the version.
 
@@ -47,10 +53,11 @@ unavailable), 2 bad command line or config.
 #                                PipeEndpoint, and VsockEndpoint, a port of a Transport (vsock, tcp:, unix:)
 #   5. Hyper-V                   HyperVTransport: the Windows host's vsock, blocking sockets in threads
 #   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux
-#   7. Servers and the service   accept loops, counters (Stats), signals, the grace period, the exit code
+#   7. Servers and the service   accept loops, counters (Stats), a TunnelRun per tunnel and end, signals,
+#                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics
 #   8. Peer and host             the two roles; relay() dials the far end for each connection and pumps
 #   9. Finding the VM            Windows: every running VM is handshaked at once
-#  10. Command line              parse_args, run, main
+#  10. Command line              parse_args, run, main; status and reload ask a running vtunnel
 #
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
 # family subclasses Transport (family, listen_address, dial_address). The pump asks of a stream only
@@ -73,11 +80,12 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import gevent.server
 import gevent.socket
@@ -147,7 +155,7 @@ class Tunnel:
     max_connections: int = None  # None: no limit
     connect_timeout: float = CONNECT_TIMEOUT
     idle_timeout: float = None  # None: connections may idle forever
-    line: int = 0
+    line: int = field(default=0, compare=False)  # where the entry is: moving it changes no tunnel
 
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
@@ -422,17 +430,17 @@ def _read_tunnel(entry, index, line, path, errors):
     for key in entry:
         if key not in KEYS:
             problems.append((entry.key_lines[key], f"unknown key {key!r}: expected one of {', '.join(KEYS)}"))
-    for key, (field, convert, default) in KEYS.items():
+    for key, (attr, convert, default) in KEYS.items():
         if key not in entry:
             if default is REQUIRED:
                 problems.append((line, f"missing key '{key}'"))
-            fields[field] = default
+            fields[attr] = default
             continue
         try:
-            fields[field] = convert(entry[key])
+            fields[attr] = convert(entry[key])
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
-    peer = _read_peer(entry, {field: fields.pop(field, None) for field in PEER_FIELDS}, line, problems)
+    peer = _read_peer(entry, {attr: fields.pop(attr, None) for attr in PEER_FIELDS}, line, problems)
     errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in sorted(problems))
     if problems:
         return None
@@ -1083,6 +1091,11 @@ class Stopped(OSError):
     """The process stopped, and its grace period ended, before the connection did."""
 
 
+class TunnelRemoved(gevent.GreenletExit):
+    """What kills a connection of a tunnel a reload removed, once its grace period is over."""
+    culprit = "removed by a reload"
+
+
 def closed_outright(sock):
     """After an end of stream: whether the far end closed the socket rather than half-closing it.
 
@@ -1134,15 +1147,16 @@ class Pump:
     def run(self):
         """Pump until both directions have ended or one has failed.
 
-        Killed (the process stops and its grace period is over), the pump fails
-        too: a transfer cut short must not reach either side as a clean end.
+        Killed (the process stops, or a reload removed the tunnel, and the grace
+        period is over), the pump fails too: a transfer cut short must not reach
+        either side as a clean end.
         """
         back = gevent.spawn(self._direction, self.right, self.left, 1)
         try:
             self._direction(self.left, self.right, 0)
             back.join()
-        except gevent.GreenletExit:
-            self._fail("shutdown", Stopped(errno.ECONNABORTED, "grace period over"))
+        except gevent.GreenletExit as exc:
+            self._fail(getattr(exc, "culprit", "shutdown"), Stopped(errno.ECONNABORTED, "grace period over"))
             raise
         finally:
             back.kill(block=False)
@@ -1497,6 +1511,7 @@ class Stats:
         self.pumps = set()  # of the open connections: their bytes count as they move
         self.sent_by_closed = [0, 0]  # bytes towards the far end, bytes back
         self.failures = collections.Counter()
+        self.last_error = None  # the latest problem: a failed connection, a handshake, a listener
 
     @property
     def open(self):
@@ -1516,7 +1531,11 @@ class Stats:
         self.sent_by_closed[1] += pump.sent[1]
         if pump.failure:
             exc = pump.failure[1]
-            self.failures[f"{failed_end(pump, near_name, self.far_name)} {_reason(exc)}"] += 1
+            self.failed(f"{failed_end(pump, near_name, self.far_name)} {_reason(exc)}")
+
+    def failed(self, cause):
+        self.failures[cause] += 1
+        self.last_error = cause
 
     def line(self):
         failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
@@ -1592,49 +1611,120 @@ class Notifier:
             gevent.sleep(self.watchdog / 2)
 
 
-class Service:
-    """Holds the servers of one process, and stops them on a signal or a fatal error."""
+class TunnelRun:
+    """One tunnel at one end, as this process serves it: the listeners and the socket files they
+    made, the tasks that keep it (the host's handshakes), its counters and its state in words.
 
-    def __init__(self, grace=5.0, stats_interval=None):
+    A reload starts runs and retires them whole: a retired run accepts no more, and its open
+    connections run on (a changed tunnel) or have --grace to finish (a removed one).
+    """
+
+    def __init__(self, tunnel, end, stats, started_by_reload=False):
+        self.tunnel, self.end, self.stats = tunnel, end, stats
+        self.started_by_reload = started_by_reload
+        self.servers, self.cleanups = [], []
+        self.tasks = gevent.pool.Group()
+        self.state, self.up, self.failed = "starting", False, False
+
+    def set_state(self, state, up=None, error=None):
+        self.state = state
+        self.up = self.up if up is None else up
+        if error:
+            self.stats.last_error = error
+
+    def stop_accepting(self):
+        """Close the listeners and remove their socket files; the open connections run on."""
+        self.tasks.kill(block=False)
+        for server in self.servers:
+            server.close()
+        for cleanup in self.cleanups:
+            cleanup()
+        self.cleanups.clear()
+        self.up = False
+
+    @property
+    def open_connections(self):
+        return sum(len(server.pool) for server in self.servers)
+
+    def finish(self, grace=None):
+        """Wait for the open connections (at most `grace` seconds), then abort what is left."""
+        gevent.joinall([gevent.spawn(server.pool.join) for server in self.servers], timeout=grace)
+        for server in self.servers:  # each pump aborts its connection and logs it
+            server.pool.kill(TunnelRemoved, block=True, timeout=1)
+
+
+class Service:
+    """Holds the tunnels of one process (a TunnelRun per tunnel and end), reloads them on SIGHUP,
+    and stops them on a signal or a fatal error.
+
+    A role (Peer, Host) names its `end` and `far_name`, says which of a tunnel's keys it uses
+    (`part`), and starts a run (`start_tunnel`) with start_server and spawn_for.
+    """
+
+    def __init__(self, grace=5.0, stats_interval=None, config_path=None, load_tunnels=None):
         self.grace, self.stats_interval = grace, stats_interval
+        self.config_path, self.load_tunnels = config_path, load_tunnels  # load_tunnels(path) -> [Tunnel]
         self.notifier = Notifier()
         self.status = lambda: "starting"  # what STATUS= says: set by the roles
-        self.servers = []
+        self.roles = []
+        self.runs = {}  # (tunnel name, end) -> TunnelRun, in config order: what the config asks for now
+        self.retired = []  # runs a reload retired whose connections are still open
+        self.servers, self.cleanups = [], []  # the service's own: the metrics endpoint
         self.greenlets = gevent.pool.Group()
+        self.reloading = gevent.lock.Semaphore()
+        self.reloads = collections.Counter({"ok": 0, "invalid": 0, "failed": 0})
         self.stopping = gevent.event.Event()
         self.hurry = gevent.event.Event()  # a second stop signal: no more grace
         self.fatal = None
         self.connection_ids = ConnectionIds()
-        self.cleanups = []
-        self.stats = []
 
-    def start_server(self, tunnel, endpoint, handle, name, max_connections=None):
-        """Listen on `endpoint` and serve each connection with handle(conn, address)."""
+    @property
+    def stats(self):
+        return [run.stats for run in self.runs.values()]
+
+    def start(self, roles, tunnels):
+        """Start every tunnel at every end of this process; a StartupError stops the lot."""
+        self.roles = roles
+        for tunnel in tunnels:
+            for role in roles:
+                self._start_run(role, tunnel)
+
+    def _start_run(self, role, tunnel, stats=None, by_reload=False):
+        stats = stats or Stats(tunnel.name, role.end, role.far_name)
+        run = self.runs[(tunnel.name, role.end)] = TunnelRun(tunnel, role.end, stats, by_reload)
+        role.start_tunnel(run)
+        return run
+
+    def start_server(self, run, endpoint, handle, name, max_connections=None):
+        """Listen on `endpoint` for `run` and serve each connection with handle(conn, address)."""
         try:
             listener = endpoint.listen()
         except OSError as exc:
-            raise StartupError(f"tunnel {tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
-        self.cleanups.append(endpoint.close_listener)
+            raise StartupError(f"tunnel {run.tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
+        run.cleanups.append(endpoint.close_listener)
         # A full pool stops the accept loop: further clients wait in the listen backlog.
         server_class = ThreadedServer if isinstance(listener, ThreadedListener) else PolledServer
         server = server_class(listener, handle, spawn=gevent.pool.Pool(max_connections))
         server.name, server.crash = name, self.crash
         server.start()
-        self.servers.append(server)
+        run.servers.append(server)
         return server
 
-    def new_stats(self, tunnel, end, far_name):
-        self.stats.append(Stats(tunnel, end, far_name))
-        return self.stats[-1]
-
     def spawn(self, function, *args):
-        self.greenlets.spawn(self._guard, function, *args)
+        self.greenlets.spawn(self._guard, None, function, *args)
 
-    def _guard(self, function, *args):
+    def spawn_for(self, run, function, *args):
+        """A task of `run`'s (killed when the run is retired)."""
+        run.tasks.spawn(self._guard, run, function, *args)
+
+    def _guard(self, run, function, *args):
         try:
             function(*args)
         except StartupError as exc:
-            self.fail(str(exc))
+            if run is not None and run.started_by_reload:  # the tunnels that were serving serve on
+                self._run_failed(run, str(exc))
+            else:
+                self.fail(str(exc))
         except Exception:
             self.crash(getattr(function, "__name__", "a task"))
 
@@ -1660,10 +1750,114 @@ class Service:
     def status_changed(self):
         self.notifier.send(f"STATUS={self.status()}")
 
+    # -- reload: SIGHUP, or POST /reload on the metrics endpoint (Windows has no SIGHUP)
+
+    def reload(self):
+        """Re-read the config: start the tunnels that are new, retire the ones that are gone or
+        changed, keep the rest untouched. A config with any problem changes nothing. Returns
+        what happened, as /reload answers it."""
+        if self.stopping.is_set():
+            return {"result": "stopping"}
+        with self.reloading:
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+            try:
+                tunnels = self.load_tunnels(self.config_path)
+            except (UsageError, StartupError) as exc:
+                problems = getattr(exc, "errors", [str(exc)])
+                for problem in problems:
+                    log.error("reload: %s", problem)
+                log.error("reload: nothing changed: the %d tunnel(s) serving go on as before", len(self._names()))
+                outcome = {"result": "invalid", "problems": problems}
+            else:
+                outcome = self._apply(tunnels)
+            self.reloads[outcome["result"]] += 1
+            self.ready()
+            return outcome
+
+    def _names(self):
+        return list(dict.fromkeys(name for name, _ in self.runs))
+
+    def _apply(self, tunnels):
+        new = {tunnel.name: tunnel for tunnel in tunnels}
+        plan = {tunnel.name: self._compare(tunnel) for tunnel in tunnels}
+        removed = [name for name in self._names() if name not in new]
+        # Retire first: a new or changed tunnel may take the address a retired one listened on.
+        for (name, end), run in list(self.runs.items()):
+            if name not in new:
+                log.info("reload: %s (%s) removed: %d open connection(s) have %gs to finish", name, end,
+                         run.open_connections, self.grace)
+                self._retire(run, self.grace)
+            elif not self._keeps(run, new[name]):
+                self._retire(run)  # its open connections run on
+        old, self.runs, failed = self.runs, {}, []
+        for tunnel in tunnels:
+            for role in self.roles:
+                run = old.get((tunnel.name, role.end))
+                if self._keeps(run, tunnel):
+                    self.runs[(tunnel.name, role.end)] = run
+                    continue
+                try:
+                    self._start_run(role, tunnel, run.stats if run else None, by_reload=True)
+                except StartupError as exc:
+                    self._run_failed(self.runs[(tunnel.name, role.end)], str(exc))
+                    failed.append(tunnel.name)
+        self.status_changed()
+        return self._summarize(plan, removed, failed)
+
+    def _keeps(self, run, tunnel):
+        """Whether `run` serves `tunnel` as it is now: every key its end uses is unchanged."""
+        if run is None or run.failed:
+            return False
+        part = next(role.part for role in self.roles if role.end == run.end)
+        return part(run.tunnel) == part(tunnel)
+
+    def _compare(self, tunnel):
+        """'added', 'changed' (an end here uses a key that changed) or 'kept'."""
+        runs = [self.runs.get((tunnel.name, role.end)) for role in self.roles]
+        if all(run is None for run in runs):
+            return "added"
+        return "kept" if all(self._keeps(run, tunnel) for run in runs) else "changed"
+
+    @staticmethod
+    def _summarize(plan, removed, failed):
+        """One log line for the whole reload, and /reload's answer."""
+        named = {kind: [name for name, what in plan.items() if what == kind] for kind in ("added", "changed")}
+        named["removed"] = removed
+        kept = sum(1 for what in plan.values() if what == "kept")
+        counts = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names)})" if names else "")
+                           for kind, names in named.items())
+        log.info("reload: %s, %d kept%s", counts, kept,
+                 f"; {len(failed)} could not start ({', '.join(failed)})" if failed else "")
+        return {"result": "failed" if failed else "ok", **named, "kept": kept, "failed": failed}
+
+    def _retire(self, run, grace=None):
+        run.stop_accepting()
+        if run.failed:
+            return
+        self.retired.append(run)
+        self.greenlets.spawn(self._finish_retired, run, grace)
+
+    def _finish_retired(self, run, grace):
+        run.finish(grace)
+        self.retired.remove(run)
+
+    def _run_failed(self, run, message):
+        log.error("reload: %s; the other tunnels serve on", message)
+        run.stop_accepting()
+        run.failed = True
+        run.set_state(f"not serving: {message}", up=False, error=message)
+        self.status_changed()
+
+    # -- the metrics endpoint
+
     def serve_metrics(self, address):
-        """/metrics (the Prometheus text format, by prometheus_client) and /status (JSON) on
-        gevent's pywsgi, from the same counters the log shows, live."""
+        """/metrics (the Prometheus text format, by prometheus_client), /status (JSON) and POST
+        /reload on gevent's pywsgi, from the same counters the log shows, live."""
         from gevent.pywsgi import WSGIServer
+        try:
+            import prometheus_client  # noqa: F401 (MetricsApp's)
+        except ImportError:
+            raise StartupError("--metrics needs the prometheus_client package: pip install prometheus_client") from None
         endpoint = parse_upstream(address)  # IP:PORT or unix:///PATH, as an upstream is written
         if isinstance(endpoint, PipeEndpoint):
             raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH")
@@ -1679,6 +1873,7 @@ class Service:
         self.servers.append(server)
         log.info("metrics: serving /metrics and /status on %s", endpoint)
 
+    # -- running and stopping
 
     def run(self):
         """Serve until asked to stop; return the exit code."""
@@ -1697,15 +1892,22 @@ class Service:
         return EXIT_OK
 
     def handle_signals(self):
-        """Take over SIGINT, SIGTERM (stop) and SIGUSR1 (log the counters): before any listener opens."""
+        """Take over SIGINT, SIGTERM (stop), SIGHUP (reload) and SIGUSR1 (log the counters):
+        before any listener opens."""
         handlers = {signal.SIGINT: self._on_stop_signal, signal.SIGTERM: self._on_stop_signal}
         if hasattr(signal, "SIGUSR1"):
             handlers[signal.SIGUSR1] = lambda signum: self.log_stats()
+        if hasattr(signal, "SIGHUP"):
+            handlers[signal.SIGHUP] = self._on_reload_signal
         for signum, handler in handlers.items():
             try:
                 gevent.signal_handler(signum, handler, signum)
             except (AttributeError, ValueError):  # gevent on Windows has no signal watchers
                 signal.signal(signum, lambda number, _frame, h=handler: gevent.spawn(h, number))
+
+    def _on_reload_signal(self, signum):
+        log.info("SIGHUP: reloading %s", self.config_path)
+        self.reload()
 
     def _on_stop_signal(self, signum):
         name = signal.Signals(signum).name
@@ -1730,33 +1932,41 @@ class Service:
             gevent.sleep(interval)
             self.log_stats()
 
+    def _every_run(self):
+        return list(self.runs.values()) + self.retired
+
     def _drain(self):
         """Stop accepting; give open connections the grace period, then abort what is left."""
         self.stop_accepting()  # already, after a stop signal; not after a fatal error
-        finishing = gevent.spawn(lambda: [server.pool.join() for server in self.servers])
+        servers = [server for run in self._every_run() for server in run.servers] + self.servers
+        finishing = gevent.spawn(lambda: [server.pool.join() for server in servers])
         gevent.wait([finishing, self.hurry], timeout=self.grace, count=1)
         finishing.kill()
-        for server in self.servers:
+        for server in servers:
             server.pool.kill(block=True, timeout=1)  # each pump aborts its connection and logs it
-        self.remove_socket_files()
 
     def close(self):
         """Close every listener and remove the socket files this process made (a start that failed)."""
         self.stop_accepting()
-        self.remove_socket_files()
 
     def stop_accepting(self):
+        for run in self._every_run():
+            run.stop_accepting()
         for server in self.servers:
             server.close()
-
-    def remove_socket_files(self):
         for cleanup in self.cleanups:
             cleanup()
         self.cleanups.clear()
 
 
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
+    clock = getattr(time, "CLOCK_MONOTONIC", None)
+    return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
+
+
 class MetricsApp:
-    """The WSGI application behind --metrics."""
+    """The WSGI application behind --metrics: GET /metrics and /status, POST /reload."""
 
     def __init__(self, service):
         import prometheus_client.core
@@ -1767,28 +1977,44 @@ class MetricsApp:
         self.exposition = prometheus_client.exposition
 
     def __call__(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        if path == "/reload":
+            return self.reload(environ, start_response)
         if path == "/metrics":
             body, kind = self.exposition.generate_latest(self.registry), self.exposition.CONTENT_TYPE_LATEST
         elif path == "/status":
-            body, kind = json.dumps(self.status(), indent=1).encode() + b"\n", "application/json"
+            body, kind = json_body(self.status())
         else:
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"try /metrics or /status\n"]
-        start_response("200 OK", [("Content-Type", kind)])
-        return [body]
+            return answer(start_response, "404 Not Found", b"try /metrics, /status or POST /reload\n")
+        if method not in ("GET", "HEAD"):
+            return answer(start_response, "405 Method Not Allowed", b"GET only\n")
+        return answer(start_response, "200 OK", body, kind)
+
+    def reload(self, environ, start_response):
+        # A header no HTML form can send: a web page the user visits cannot make a browser post
+        # to this loopback port without a CORS preflight, which nothing here answers.
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("HTTP_X_VTUNNEL") != "reload":
+            return answer(start_response, "405 Method Not Allowed", b"POST with the header X-Vtunnel: reload\n")
+        log.info("POST /reload: reloading %s", self.service.config_path)
+        outcome = self.service.reload()
+        status = "200 OK" if outcome["result"] == "ok" else "409 Conflict"
+        return answer(start_response, status, *json_body(outcome))
 
     def collect(self):
         """prometheus_client's collector protocol: one family per counter, a sample per tunnel and end."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         labels = ["tunnel", "end"]
+        up = GaugeMetricFamily("vtunnel_tunnel_up", "1 when the tunnel listens (and, on the host, its peer "
+                               "answered the last handshake)", labels=labels)
         open_ = GaugeMetricFamily("vtunnel_connections_open", "Connections open now", labels=labels)
         total = CounterMetricFamily("vtunnel_connections", "Connections carried", labels=labels)
         moved = CounterMetricFamily("vtunnel_bytes", "Bytes carried, counted as they move",
                                     labels=labels + ["direction"])
         failures = CounterMetricFamily("vtunnel_failures", "Connections that failed", labels=labels + ["cause"])
-        for stats in self.service.stats:
-            ids = [stats.tunnel, stats.end]
+        reloads = CounterMetricFamily("vtunnel_reloads", "Reloads of the config, by result", labels=["result"])
+        for run in self.service.runs.values():
+            stats, ids = run.stats, [run.tunnel.name, run.end]
+            up.add_metric(ids, int(run.up))
             open_.add_metric(ids, stats.open)
             total.add_metric(ids, stats.total)
             sent = stats.sent
@@ -1796,16 +2022,30 @@ class MetricsApp:
             moved.add_metric(ids + ["back"], sent[1])
             for cause, count in stats.failures.items():
                 failures.add_metric(ids + [cause], count)
-        return [open_, total, moved, failures]
+        for result, count in self.service.reloads.items():
+            reloads.add_metric([result], count)
+        return [up, open_, total, moved, failures, reloads]
 
     def status(self):
-        return {"status": self.service.status(), "tunnels": [self.tunnel_status(s) for s in self.service.stats]}
+        return {"status": self.service.status(), "reloads": dict(self.service.reloads),
+                "tunnels": [self.tunnel_status(run) for run in self.service.runs.values()]}
 
     @staticmethod
-    def tunnel_status(stats):
-        sent = stats.sent  # summed over the open connections: once
-        return {"tunnel": stats.tunnel, "end": stats.end, "open": stats.open, "total": stats.total,
-                "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures)}
+    def tunnel_status(run):
+        stats, sent = run.stats, run.stats.sent  # summed over the open connections: once
+        return {"tunnel": run.tunnel.name, "end": run.end, "up": run.up, "state": run.state,
+                "open": stats.open, "total": stats.total,
+                "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures),
+                "last_error": stats.last_error}
+
+
+def json_body(value):
+    return json.dumps(value, indent=1).encode() + b"\n", "application/json"
+
+
+def answer(start_response, status, body, kind="text/plain"):
+    start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def raise_descriptor_limit():
@@ -1873,7 +2113,8 @@ def _dial_for(tunnel, stats, conn_id, near, dial_far, near_name, where):
     try:
         far = dial_far(tunnel.connect_timeout)
     except (OSError, gevent.Timeout) as exc:
-        stats.failures[f"{stats.far_name} unreachable"] += 1
+        stats.failed(f"{stats.far_name} unreachable")
+        stats.last_error = f"{stats.far_name} unreachable: {_reason(exc)}"
         log.warning("%s #%d %s: %s unreachable: %s; closing the %s", tunnel.name, conn_id, where,
                     stats.far_name, _reason(exc), near_name)
         abort(near)
@@ -1903,23 +2144,33 @@ def _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_ne
 
 class Peer:
     """The VM end: a listener per tunnel, each client carried to the host over vsock."""
+    end, far_name = "peer", "host"
 
-    def __init__(self, tunnels, transport, service):
-        self.tunnels, self.transport, self.service = tunnels, transport, service
-        service.status = lambda: f"{len(tunnels)} tunnel(s) listening"
+    def __init__(self, transport, service):
+        self.transport, self.service = transport, service
+        service.status = lambda: f"{self.listening()} tunnel(s) listening"
 
-    def start(self):
-        for tunnel in self.tunnels:
-            if warning := exposed_peer(tunnel):
-                log.warning("%s: %s", tunnel.name, warning)
-            handshakes = self.transport.endpoint(tunnel.handshake_port)
-            self.service.start_server(tunnel, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
-            log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
-            stats = self.service.new_stats(tunnel.name, "peer", "host")
-            host = self.transport.endpoint(tunnel.vsock_host_port)
-            self.service.start_server(tunnel, tunnel.peer, partial(self.carry, tunnel, host, stats), tunnel.name,
-                                      tunnel.max_connections)
-            log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer, host)
+    @staticmethod
+    def part(tunnel):
+        """The keys the peer uses: a reload that changes none of them leaves its tunnel alone."""
+        return (tunnel.handshake_port, tunnel.vsock_host_port, tunnel.peer, tunnel.max_connections,
+                tunnel.connect_timeout, tunnel.idle_timeout)
+
+    def listening(self):
+        return sum(run.up for run in self.service.runs.values() if run.end == self.end)
+
+    def start_tunnel(self, run):
+        tunnel = run.tunnel
+        if warning := exposed_peer(tunnel):
+            log.warning("%s: %s", tunnel.name, warning)
+        handshakes = self.transport.endpoint(tunnel.handshake_port)
+        self.service.start_server(run, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
+        log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
+        host = self.transport.endpoint(tunnel.vsock_host_port)
+        self.service.start_server(run, tunnel.peer, partial(self.carry, tunnel, host, run.stats), tunnel.name,
+                                  tunnel.max_connections)
+        run.set_state(f"listening on {tunnel.peer}", up=True)
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer, host)
 
     def answer_handshake(self, sock, address):
         try:
@@ -1951,36 +2202,48 @@ class Host:
     new GUID at every restart): the tunnel then finds it again and listens anew.
     """
 
-    def __init__(self, tunnels, transport, service, vm_candidates=None):
-        self.tunnels, self.transport, self.service = tunnels, transport, service
+    end, far_name = "host", "upstream"
+
+    def __init__(self, transport, service, vm_candidates=None):
+        self.transport, self.service = transport, service
         self.vm_candidates = vm_candidates or candidate_vm_ids
-        self.connected = set()  # the tunnels listening for their peer now
-        service.status = lambda: f"{len(self.connected)}/{len(tunnels)} tunnel(s) connected to the peer"
+        service.status = self.status
 
-    def start(self):
-        for tunnel in self.tunnels:
-            self.service.spawn(self.serve_tunnel, tunnel)
+    @staticmethod
+    def part(tunnel):
+        """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
+        return (tunnel.handshake_port, tunnel.vsock_host_port, tunnel.upstream, tunnel.max_connections,
+                tunnel.connect_timeout, tunnel.idle_timeout)
 
-    def serve_tunnel(self, tunnel):
-        stats = self.service.new_stats(tunnel.name, "host", "upstream")
+    def status(self):
+        runs = [run for run in self.service.runs.values() if run.end == self.end]
+        return f"{sum(run.up for run in runs)}/{len(runs)} tunnel(s) connected to the peer"
+
+    def start_tunnel(self, run):
+        run.set_state("looking for the peer")
+        self.service.spawn_for(run, self.serve_tunnel, run)
+
+    def serve_tunnel(self, run):
+        tunnel = run.tunnel
         while True:
-            transport = self.wait_for_peer(tunnel)
+            transport = self.wait_for_peer(run)
             legs = transport.endpoint(tunnel.vsock_host_port)
-            server = self.service.start_server(tunnel, legs, partial(self.carry, tunnel, stats), tunnel.name,
+            server = self.service.start_server(run, legs, partial(self.carry, tunnel, run.stats), tunnel.name,
                                                tunnel.max_connections)
             log.info("%s: listening on %s, carrying to %s", tunnel.name, legs, tunnel.upstream)
-            self.connected.add(tunnel.name)
+            run.set_state(f"connected to the peer; listening on {legs}", up=True)
             self.service.status_changed()
             if not transport.per_vm:
                 return
-            self.watch_peer(tunnel, transport, server)
+            self.watch_peer(run, transport, server)
             server.close()  # open connections run on; new ones go to wherever the peer is now
-            self.connected.discard(tunnel.name)
+            run.set_state("looking for the peer again", up=False)
             self.service.status_changed()
             log.warning("%s: the peer at %s stopped answering; looking for it again", tunnel.name, transport)
 
-    def wait_for_peer(self, tunnel):
+    def wait_for_peer(self, run):
         """Handshake until a peer answers, and return the transport that reaches it."""
+        tunnel = run.tunnel
         delay, longest = HANDSHAKE_BACKOFF
         for attempt in itertools.count(1):
             transport, problem = self.find_peer(tunnel)
@@ -1990,6 +2253,8 @@ class Host:
                 return transport
             log.info("%s: handshake attempt %d with %s: %s; retrying in %.2gs", tunnel.name,
                      attempt, self.transport.endpoint(tunnel.handshake_port), problem, delay)
+            run.set_state(f"waiting for the peer (handshake attempt {attempt}: {problem})",
+                          error=f"handshake: {problem}")
             gevent.sleep(delay)
             delay = min(delay * 2, longest)
 
@@ -2006,13 +2271,14 @@ class Host:
             return None, f"no peer answered in any of {len(candidates)} VM(s)"
         return self.transport.for_vm(vm_id), None
 
-    def watch_peer(self, tunnel, transport, server):
+    def watch_peer(self, run, transport, server):
         """Return once the peer stops answering twice in a row, or the listener fails."""
-        misses = 0
+        tunnel, misses = run.tunnel, 0
         while server.started and misses < 2:
             gevent.sleep(PEER_CHECK_INTERVAL)
             problem = handshake(transport.endpoint(tunnel.handshake_port))
             misses = misses + 1 if problem else 0
+            run.set_state(run.state, up=not problem, error=problem and f"periodic handshake: {problem}")
             if problem:
                 log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
             else:
@@ -2143,6 +2409,16 @@ def check_upstreams(tunnels):
             raise StartupError(f"tunnel {tunnel.name!r}: upstream {tunnel.upstream}: {reason}")
 
 
+def load_checked_config(path, transport, dials_upstreams):
+    """The config's tunnels, once everything this end will need of them is there: at start and
+    at every reload."""
+    tunnels = load_config(path)
+    check_transport(tunnels, transport)
+    if dials_upstreams:
+        check_upstreams(tunnels)
+    return tunnels
+
+
 def config_warnings(tunnels):
     """What `check` tells beside the table: what peer, host or local would refuse or warn about here."""
     for tunnel in tunnels:
@@ -2160,7 +2436,7 @@ def format_table(tunnels):
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-COMMANDS = ("peer", "host", "local", "check")
+COMMANDS = ("peer", "host", "local", "check", "status", "reload")
 
 
 def parse_args(argv):
@@ -2200,7 +2476,9 @@ def _usage_problem(argv, message):
         problem = f"say what to run: {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]} (vtunnel --help explains each)"
     elif command not in COMMANDS and not argv[0].startswith("-"):
         problem = f"unknown command {command!r}: expected {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]}"
-    elif command in COMMANDS and not any(word.startswith("--config-path") for word in argv):
+    elif command in ("status", "reload") and not any(word.startswith("--metrics") for word in argv):
+        problem = f"vtunnel {command} needs --metrics ADDRESS, where the running vtunnel serves its metrics"
+    elif command in COMMANDS[:4] and not any(word.startswith("--config-path") for word in argv):
         problem = f"vtunnel {command} needs --config-path PATH, the YAML file with the tunnels"
     elif command != "host" and "--vm-id" in argv:
         problem = "--vm-id names the VM a Hyper-V host serves: it goes with vtunnel host only"
@@ -2215,17 +2493,22 @@ def run(args):
     problem = gevent_problem()
     if problem:
         raise StartupError(problem)
-    tunnels = load_config(args["--config-path"])
+    if args["status"]:
+        return show_status(args["--metrics"])
+    if args["reload"]:
+        return ask_reload(args["--metrics"])
     if args["check"]:
+        tunnels = load_config(args["--config-path"])
         print(format_table(tunnels))
         for warning in config_warnings(tunnels):
             print(f"vtunnel: warning: {warning}", file=sys.stderr)
         return EXIT_OK
-    service = Service(grace=args["--grace"], stats_interval=args["--stats-interval"])
+    service = Service(grace=args["--grace"], stats_interval=args["--stats-interval"],
+                      config_path=args["--config-path"])
     if args["local"]:
         transport = TcpTransport("127.0.0.1")
         service.connection_ids.share_between_ends()
-        roles = [Peer(tunnels, transport, service), Host(tunnels, transport, service)]
+        roles = [Peer(transport, service), Host(transport, service)]
     else:
         transport = parse_transport(args["--vsock"]) if args["--vsock"] else default_transport()
         if args.get("--vm-id"):
@@ -2235,24 +2518,87 @@ def run(args):
             if not transport.per_vm:
                 raise UsageError(f"--vm-id picks a Hyper-V VM: it goes with --vsock hyperv, not {transport}")
             transport = transport.for_vm(args["--vm-id"].strip("{}"))
-        roles = [(Peer if args["peer"] else Host)(tunnels, transport, service)]
-    check_transport(tunnels, transport)
-    if not args["peer"]:
-        check_upstreams(tunnels)
+        roles = [(Peer if args["peer"] else Host)(transport, service)]
+    service.load_tunnels = partial(load_checked_config, transport=transport, dials_upstreams=not args["peer"])
+    tunnels = service.load_tunnels(args["--config-path"])  # nothing opens before it all checks out
     log.info("vtunnel %s %s: %d tunnel(s) over %s, up to %s open files", __version__,
              "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport,
              raise_descriptor_limit() or "unlimited")
     service.handle_signals()
     try:
-        for role in roles:
-            role.start()
-    except StartupError:
+        service.start(roles, tunnels)
+        if args["--metrics"]:
+            service.serve_metrics(args["--metrics"])
+    except (StartupError, UsageError):
         service.close()  # what did start is closed, and its socket files are removed
         raise
-    if args["--metrics"]:
-        service.serve_metrics(args["--metrics"])
     service.ready()
     return service.run()
+
+
+def ask_service(address, path, method="GET"):
+    """Ask the vtunnel serving --metrics ADDRESS: (HTTP status, the JSON it answered)."""
+    import http.client
+    endpoint = parse_upstream(address)
+    if isinstance(endpoint, PipeEndpoint):
+        raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH")
+    connection = http.client.HTTPConnection("localhost", timeout=60)  # a reload may wait on a listener
+    try:
+        connection.sock = endpoint.connect(CONNECT_TIMEOUT)
+        connection.request(method, path, headers={"X-Vtunnel": "reload"} if method == "POST" else {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    except (OSError, gevent.Timeout, http.client.HTTPException, ValueError) as exc:
+        raise StartupError(f"cannot ask a vtunnel at {endpoint}: {_reason(exc)} (is one running there "
+                           f"with --metrics {address}?)") from None
+    finally:
+        connection.close()
+
+
+def show_status(address):
+    _, status = ask_service(address, "/status")
+    print(format_status(status))
+    return EXIT_OK
+
+
+def format_status(status):
+    """/status as a person reads it: a line for the process, a row per tunnel and end, the errors."""
+    reloads = ", ".join(f"{count} {result}" for result, count in status["reloads"].items())
+    rows = [("TUNNEL", "END", "UP", "OPEN", "TOTAL", "SENT", "RECEIVED", "FAILED", "STATE")]
+    for tunnel in status["tunnels"]:
+        sent, received = tunnel["bytes"].values()
+        rows.append((tunnel["tunnel"], tunnel["end"], "yes" if tunnel["up"] else "no", str(tunnel["open"]),
+                     str(tunnel["total"]), format_bytes(sent), format_bytes(received),
+                     str(sum(tunnel["failures"].values())), tunnel["state"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"{status['status']}; reloads: {reloads}", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    errors = [f"  {t['tunnel']} ({t['end']}): {t['last_error']}" for t in status["tunnels"] if t["last_error"]]
+    return "\n".join(lines + (["", "last errors:"] + errors if errors else []))
+
+
+def format_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def ask_reload(address):
+    code, outcome = ask_service(address, "/reload", "POST")
+    if outcome.get("result") == "invalid":
+        print("\n".join(f"vtunnel: {problem}" for problem in outcome["problems"]), file=sys.stderr)
+        print("vtunnel: the config has problems: nothing changed", file=sys.stderr)
+        return EXIT_USAGE
+    if code != 200 or outcome.get("result") != "ok":
+        print(f"vtunnel: reload: {outcome.get('result')}: {', '.join(outcome.get('failed', []))} could not start "
+              "(the running vtunnel's log says why)", file=sys.stderr)
+        return EXIT_FAILURE
+    print("reloaded: " + ", ".join(f"{len(outcome[kind])} {kind}" + (f" ({', '.join(outcome[kind])})"
+                                   if outcome[kind] else "") for kind in ("added", "changed", "removed"))
+          + f", {outcome['kept']} kept")
+    return EXIT_OK
 
 
 def main(argv=None):

@@ -242,6 +242,43 @@ def exchange_partly(sock, payload):
     return b"".join(chunks), (failures[0] if failures else None)
 
 
+class SlowTransfer(threading.Thread):
+    """An echo client that sends half its payload, waits for `resume`, then sends the rest and
+    half-closes, while a second thread reads the echo back: a transfer that spans a reload."""
+
+    def __init__(self, port, size, resume):
+        super().__init__(daemon=True)
+        self.payload, self.resume = os.urandom(size), resume
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.received, self.failure = bytearray(), None
+        self.halfway, self.ended = threading.Event(), threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.start()
+
+    def run(self):
+        half = len(self.payload) // 2
+        self.sock.sendall(self.payload[:half])
+        self.resume.wait()
+        try:
+            self.sock.sendall(self.payload[half:])
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.failure = self.failure or exc
+
+    def _read(self):
+        try:
+            while data := self.sock.recv(262144):
+                self.received += data
+                if len(self.received) >= len(self.payload) // 2:
+                    self.halfway.set()  # the echo of the first half is back: the tunnel carries it
+        except OSError as exc:
+            self.failure = exc
+        self.ended.set()
+
+    def intact(self):
+        return self.failure is None and sha256(bytes(self.received)) == sha256(self.payload)
+
+
 def read_all(stream):
     """Everything a socket (or a named pipe stream) gives until its end."""
     chunks = []

@@ -12,6 +12,7 @@ from helpers import (
     ROOT,
     Vtunnel,
     echo_server,
+    free_port,
     run_vtunnel,
     socket_dir,
     tunnel_entry,
@@ -52,10 +53,13 @@ def test_check_warns_about_what_the_ends_would_refuse_or_warn_about_here(tmp_pat
 
 
 @pytest.mark.parametrize("argv,expected", [
-    ([], "bad command line: say what to run: peer, host, local or check (vtunnel --help explains each)"),
+    ([], "bad command line: say what to run: peer, host, local, check, status or reload (vtunnel --help explains"),
     (["peer"], "bad command line: vtunnel peer needs --config-path PATH"),
     (["check"], "bad command line: vtunnel check needs --config-path PATH"),
-    (["frob", "--config-path", "x"], "bad command line: unknown command 'frob': expected peer, host, local or check"),
+    (["frob", "--config-path", "x"], "bad command line: unknown command 'frob': expected peer, host, local, check, "
+                                     "status or reload"),
+    (["status"], "bad command line: vtunnel status needs --metrics ADDRESS, where the running vtunnel serves"),
+    (["reload", "--metrics", "npipe:////./pipe/x"], "--metrics npipe:////./pipe/x: expected IP:PORT or unix:///PATH"),
     (["peer", "--config-path", "x", "--vm-id", GUID], "--vm-id names the VM a Hyper-V host serves: it goes with "
                                                        "vtunnel host only"),
     (["host", "--config-path", str(ROOT / "config.yaml"), "--vsock", "tcp:127.0.0.1", "--vm-id", GUID],
@@ -76,7 +80,8 @@ def test_bad_command_lines_exit_2_without_traceback(argv, expected, optimize):
     assert err.startswith("vtunnel: ") and expected in err.splitlines()[0]
     assert "Traceback" not in err
     if "bad command line" in err:  # then the usage, as --help shows it
-        assert err.splitlines()[1:3] == ["Usage:", "  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [options]"]
+        assert err.splitlines()[1:3] == [
+            "Usage:", "  vtunnel peer  --config-path PATH [--vsock TRANSPORT] [--metrics ADDRESS] [options]"]
 
 
 def test_bad_config_lists_every_error_and_exits_2(tmp_path):
@@ -171,3 +176,11 @@ def test_debug_logging_explains_each_connection_and_local_numbers_a_client_once(
     finally:
         vtunnel.stop()
         upstream.stop()
+
+
+def test_status_with_nothing_there_is_one_line_and_exit_1():
+    port = free_port()
+    code, out, err = run_vtunnel("status", "--metrics", f"127.0.0.1:{port}")
+    assert code == 1 and out == ""
+    assert err == (f"vtunnel: cannot ask a vtunnel at 127.0.0.1:{port}: connection refused (is one running there "
+                   f"with --metrics 127.0.0.1:{port}?)\n")

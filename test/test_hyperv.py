@@ -163,8 +163,8 @@ def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
     routes = {("old", 7): first_port, ("old", 8): free_port()}
     running = {"old"}
     service = Service(grace=0.1)
-    host = Host([tunnel], FakeHyperV(routes=routes), service, vm_candidates=lambda: sorted(running))
-    host.start()
+    host = Host(FakeHyperV(routes=routes), service, vm_candidates=lambda: sorted(running))
+    service.start([host], [tunnel])
     old_listener = routes["old", 8]
     assert eventually(lambda: listening(old_listener)), "the host listens in the old VM"
     # WSL restarts: the old VM and its peer are gone, a new GUID appears.

@@ -35,7 +35,7 @@ class Deployment:
 
     def start(self):
         if self.mode == "local":
-            self.local = Vtunnel("local", "--config-path", self.config, "--log-level", "debug",
+            self.local = Vtunnel("local", "--config-path", self.config, "--log-level", "debug", "--grace", "2",
                                  log_dir=self.tmp_path)
         else:
             self.start_peer()

@@ -88,3 +88,32 @@ def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_one_warning(
         assert vtunnel.alive()
     finally:
         assert vtunnel.stop() == 0
+
+
+def test_a_reload_is_told_to_systemd(tmp_path):
+    """RELOADING=1 with MONOTONIC_USEC at the start of a reload, READY=1 at its end: a good config's
+    and a bad one's alike (the bad one changed nothing, and the process is as ready as before)."""
+    systemd = FakeSystemd()
+    first = tunnel_entry("a", 1)
+    config = write_config(tmp_path, [first])
+    vtunnel = Vtunnel("local", "--config-path", config, log_dir=tmp_path, env={"NOTIFY_SOCKET": systemd.address})
+    try:
+        wait_until(lambda: systemd.said("STATUS=1/1 tunnel(s) connected to the peer"), what="the tunnel up")
+        for write in (lambda: write_config(tmp_path, [first, tunnel_entry("b", 1)]),
+                      lambda: config.write_text("tunnel: [oops")):
+            write()
+            said = len(systemd.messages)
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            vtunnel.process.send_signal(signal.SIGHUP)
+            wait_until(lambda said=said: any(m.startswith("READY=1") for _, m in systemd.messages[said:]),
+                       what="READY=1 after the reload")
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            told = [m for _, m in systemd.messages[said:] if m != "WATCHDOG=1"]
+            lines = told[0].split("\n")
+            assert lines[0] == "RELOADING=1" and lines[1].startswith("MONOTONIC_USEC=")
+            assert before <= int(lines[1].split("=")[1]) <= after
+            assert next(m for m in told if m.startswith("READY=1")).startswith("READY=1\nSTATUS=")
+        assert "reload: 1 added (b), 0 changed, 0 removed, 1 kept" in vtunnel.log
+        assert "reload: nothing changed" in vtunnel.log
+    finally:
+        assert vtunnel.stop() == 0

