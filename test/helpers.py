@@ -29,25 +29,43 @@ MODES = ["tcp", "unix", "local"]  # peer and host over the tcp: or unix: transpo
 
 
 def free_port():
-    """A TCP port free on loopback, chosen at random below the kernel's ephemeral range.
+    """A TCP port free on loopback, chosen at random below the kernel's ephemeral range, never one
+    handed out before in this run.
 
     Not an ephemeral port: outgoing connections take their local ports from that range (a host's
     handshake attempts, many a second), and one of them took a port a peer was about to listen on
-    (EADDRINUSE in two CI runs of the soak test).
+    (EADDRINUSE in two CI runs of the soak test). Never one handed out before, and each pytest-xdist
+    worker in a range of its own: a port is free when picked and bound only later, by a vtunnel,
+    and two picks of one port (in one config, or by two workers at once) failed two CI runs with
+    EADDRINUSE.
     """
-    low = _ephemeral_range()[0]
+    low, high = _worker_range()
     for _ in range(1000):
-        port = _random.randrange(10000, low)
+        port = _random.randrange(low, high)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free TCP port found between 10000 and {low}")
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port found between {low} and {high}")
 
 
 _random = random.SystemRandom()  # never the seeded generator a test may have set
+_handed_out = set()
+
+
+def _worker_range():
+    """This pytest-xdist worker's share of the ports between 10000 and the ephemeral range."""
+    low, high = 10000, _ephemeral_range()[0]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    span = (high - low) // max(count, 1)
+    index = int(worker) % max(count, 1) if worker.isdigit() else 0
+    return low + index * span, low + (index + 1) * span
 
 
 def _ephemeral_range():

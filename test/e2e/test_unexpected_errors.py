@@ -49,6 +49,7 @@ def test_a_bug_while_carrying_fails_that_connection_and_the_process_serves_on(fa
     vtunnel, ports = local_with(fault, tmp_path, echo)
     try:
         vtunnel.wait_for_log("healthy: listening on 127.0.0.1")
+        vtunnel.wait_for_log("healthy: listening on tcp:")  # the host end too: else the client meets "host unreachable"
         with socket.create_connection(("127.0.0.1", ports["healthy"]), timeout=20) as sock:
             sock.sendall(b"boom" + os.urandom(1000))
             with pytest.raises(ConnectionResetError):
