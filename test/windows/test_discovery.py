@@ -67,7 +67,7 @@ def test_wsl_restart_moves_the_tunnel_to_the_new_vm(compute_systems, monkeypatch
         "tunnel:\n- {name: t, handshake-port: 7, vsock-host-port: 8, peer-address: 127.0.0.1, peer-port: 1,"
         " upstream-server-address: '127.0.0.1:1'}\n")[0]
     service = vtunnel.Service(grace=0.1)
-    vtunnel.Host([tunnel], FakeHyperV(routes=routes), service).start()  # the real registry discovery
+    service.start([vtunnel.Host(FakeHyperV(routes=routes), service)], [tunnel])  # the real registry discovery
     try:
         assert eventually(lambda: listening(routes[old_vm, 8])), "listening in the VM whose peer answers"
         # WSL restarts: its VM and peer vanish, a new GUID appears.
