@@ -147,15 +147,37 @@ class ConfigError(UsageError):
 
 @dataclass(frozen=True)
 class Tunnel:
+    """One `tunnel:` entry. Forward (the peer listens, the host dials the upstream) or reverse
+    (the host listens, the peer dials the upstream inside the VM)."""
     name: str
     handshake_port: int
-    vsock_host_port: int
-    peer: object  # TcpEndpoint or UnixEndpoint
-    upstream: object  # TcpEndpoint, UnixEndpoint or PipeEndpoint
+    upstream: object  # TcpEndpoint or UnixEndpoint; PipeEndpoint too, forward only
+    vsock_host_port: int = None  # forward: the host listens here on vsock
+    peer: object = None  # forward: TcpEndpoint or UnixEndpoint, where the peer listens
+    vsock_peer_port: int = None  # reverse: the peer listens here on vsock
+    host_listen: object = None  # reverse: TcpEndpoint, UnixEndpoint or PipeEndpoint, where the host listens
     max_connections: int = None  # None: no limit
     connect_timeout: float = CONNECT_TIMEOUT
     idle_timeout: float = None  # None: connections may idle forever
     line: int = field(default=0, compare=False)  # where the entry is: moving it changes no tunnel
+
+    @property
+    def reverse(self):
+        return self.host_listen is not None
+
+    @property
+    def leg_port(self):
+        """The vsock port the tunnel's legs connect to, whichever end listens on it."""
+        return self.vsock_peer_port if self.reverse else self.vsock_host_port
+
+    @property
+    def clients_at(self):
+        """Where the tunnel's clients connect: the peer's address, or (reverse) the host's."""
+        return self.host_listen if self.reverse else self.peer
+
+    @property
+    def direction(self):
+        return "host -> VM" if self.reverse else "VM -> host"
 
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
@@ -300,7 +322,7 @@ REQUIRED = object()
 KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "name": ("name", _text, None),  # the Go vtunnel ignores names, and its configs leave them empty
     "handshake-port": ("handshake_port", _vsock_port, REQUIRED),
-    "vsock-host-port": ("vsock_host_port", _vsock_port, REQUIRED),
+    "vsock-host-port": ("vsock_host_port", _vsock_port, None),
     "peer-address": ("peer_address", _host, None),
     "peer-port": ("peer_port", _tcp_port, None),
     "peer-socket": ("peer_socket", _socket_path, None),
@@ -309,7 +331,12 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "max-connections": ("max_connections", _positive_integer, None),
     "connect-timeout": ("connect_timeout", _seconds, CONNECT_TIMEOUT),
     "idle-timeout": ("idle_timeout", _seconds, None),
+    "vsock-peer-port": ("vsock_peer_port", _vsock_port, None),
+    "host-listen-address": ("host_listen_address", parse_upstream, None),
+    "host-socket-mode": ("host_socket_mode", _file_mode, None),
 }
+FORWARD_KEYS = ("vsock-host-port", "peer-address", "peer-port", "peer-socket", "peer-socket-mode")
+REVERSE_KEYS = ("vsock-peer-port", "host-listen-address", "host-socket-mode")
 
 
 class _Mapping(dict):
@@ -440,14 +467,43 @@ def _read_tunnel(entry, index, line, path, errors):
             fields[attr] = convert(entry[key])
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
-    peer = _read_peer(entry, {attr: fields.pop(attr, None) for attr in PEER_FIELDS}, line, problems)
+    ends = {attr: fields.pop(attr, None) for attr in PEER_FIELDS + HOST_LISTEN_FIELDS}
+    if any(key in entry for key in REVERSE_KEYS):
+        fields["host_listen"] = _read_host_listen(entry, fields, ends, line, problems)
+    else:
+        if "vsock-host-port" not in entry:
+            problems.append((line, "missing key 'vsock-host-port'"))
+        fields["peer"] = _read_peer(entry, ends, line, problems)
     errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in sorted(problems))
     if problems:
         return None
-    return Tunnel(peer=peer, line=line, **fields)
+    return Tunnel(line=line, **fields)
 
 
 PEER_FIELDS = ("peer_address", "peer_port", "peer_socket", "peer_socket_mode")  # four keys, one Tunnel.peer
+HOST_LISTEN_FIELDS = ("host_listen_address", "host_socket_mode")  # two keys, one Tunnel.host_listen
+
+
+def _read_host_listen(entry, fields, ends, line, problems):
+    """A reverse tunnel: the host listens on host-listen-address, the peer on vsock-peer-port and
+    dials the upstream inside the VM. Returns the host's endpoint."""
+    mixed = [key for key in FORWARD_KEYS if key in entry]
+    if mixed:
+        problems.append((line, f"a reverse tunnel (it has {', '.join(k for k in REVERSE_KEYS if k in entry)}) "
+                               f"takes none of the forward keys (found {', '.join(mixed)})"))
+    for key in ("vsock-peer-port", "host-listen-address"):
+        if key not in entry:
+            problems.append((line, f"missing key '{key}' (a reverse tunnel needs it)"))
+    if isinstance(fields.get("upstream"), PipeEndpoint):
+        problems.append((entry.key_lines["upstream-server-address"], "key 'upstream-server-address': a reverse "
+                         "tunnel's upstream is inside the VM: expected IP:port or unix:///path, not npipe://"))
+    listen, mode = ends["host_listen_address"], ends["host_socket_mode"]
+    if mode is not None and listen is not None and not isinstance(listen, UnixEndpoint):
+        problems.append((entry.key_lines["host-socket-mode"], "host-socket-mode goes with a unix:/// "
+                         "host-listen-address"))
+    if isinstance(listen, UnixEndpoint):
+        return UnixEndpoint(listen.path, mode or 0o600)
+    return listen
 
 
 def _read_peer(entry, fields, line, problems):
@@ -478,15 +534,19 @@ def _check_unique(tunnels, path, errors):
                           f"is already used by tunnel {seen[key].name!r} (line {seen[key].line})")
         seen.setdefault(key, tunnel)
 
-    names, vsock_ports, peers = {}, {}, {}
+    names, vsock_ports, peers, host_listens = {}, {}, {}, {}
     for tunnel in tunnels:
         clash(f"name {tunnel.name!r}", names, tunnel.name, tunnel)
         clash(f"handshake-port {tunnel.handshake_port}", vsock_ports, tunnel.handshake_port, tunnel)
-        clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
-        if isinstance(tunnel.peer, TcpEndpoint):
-            clash(f"peer-port {tunnel.peer.port}", peers, tunnel.peer.port, tunnel)
+        if tunnel.reverse:
+            clash(f"vsock-peer-port {tunnel.vsock_peer_port}", vsock_ports, tunnel.vsock_peer_port, tunnel)
+            clash(f"host-listen-address {tunnel.host_listen}", host_listens, str(tunnel.host_listen), tunnel)
         else:
-            clash(f"peer-socket {tunnel.peer.path}", peers, tunnel.peer.path, tunnel)
+            clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
+            if isinstance(tunnel.peer, TcpEndpoint):
+                clash(f"peer-port {tunnel.peer.port}", peers, tunnel.peer.port, tunnel)
+            else:
+                clash(f"peer-socket {tunnel.peer.path}", peers, tunnel.peer.path, tunnel)
 
 
 # --------------------------------------------------------------------------
@@ -780,8 +840,10 @@ class UnixEndpoint(Endpoint):
 
 @dataclass(frozen=True)
 class PipeEndpoint(Endpoint):
-    """A Windows named pipe upstream, npipe:////./pipe/NAME."""
+    """A Windows named pipe, npipe:////./pipe/NAME: an upstream, or where a reverse tunnel's host listens."""
     path: str  # Windows form: \\.\pipe\NAME
+
+    is_loopback = True  # the pipes vtunnel listens on reject remote clients
 
     def __str__(self):
         return "npipe://" + self.path.replace("\\", "/")
@@ -1625,6 +1687,7 @@ class TunnelRun:
         self.servers, self.cleanups = [], []
         self.tasks = gevent.pool.Group()
         self.state, self.up, self.failed = "starting", False, False
+        self.reach = None  # the transport that reaches the peer now (a reverse tunnel's host dials it)
 
     def set_state(self, state, up=None, error=None):
         self.state = state
@@ -1657,7 +1720,7 @@ class Service:
     """Holds the tunnels of one process (a TunnelRun per tunnel and end), reloads them on SIGHUP,
     and stops them on a signal or a fatal error.
 
-    A role (Peer, Host) names its `end` and `far_name`, says which of a tunnel's keys it uses
+    A role (Peer, Host) names its `end` and each tunnel's `far` end, says which of a tunnel's keys it uses
     (`part`), and starts a run (`start_tunnel`) with start_server and spawn_for.
     """
 
@@ -1690,7 +1753,7 @@ class Service:
                 self._start_run(role, tunnel)
 
     def _start_run(self, role, tunnel, stats=None, by_reload=False):
-        stats = stats or Stats(tunnel.name, role.end, role.far_name)
+        stats = stats or Stats(tunnel.name, role.end, role.far(tunnel))
         run = self.runs[(tunnel.name, role.end)] = TunnelRun(tunnel, role.end, stats, by_reload)
         role.start_tunnel(run)
         return run
@@ -2142,35 +2205,76 @@ def _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_ne
                  pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
 
-class Peer:
-    """The VM end: a listener per tunnel, each client carried to the host over vsock."""
-    end, far_name = "peer", "host"
+class Role:
+    """What the two ends share: the two ways a connection is carried. One end accepts a client
+    and dials a leg to the other vtunnel; the other accepts the leg and dials the upstream.
+    Forward, the peer has the clients and the host the upstream; reverse, the other way round."""
+    end = other_end = None
 
     def __init__(self, transport, service):
         self.transport, self.service = transport, service
+
+    def far(self, tunnel):
+        """What this end dials for the tunnel, by name: the other vtunnel, or the upstream."""
+        return "upstream" if self.dials_upstream(tunnel) else self.other_end
+
+    def dials_upstream(self, tunnel):
+        raise NotImplementedError
+
+    def carry_client(self, tunnel, legs, stats, client, address):
+        """A client accepted where the tunnel's clients connect: dial a leg to `legs()` and pump."""
+        tune_tcp(client)
+        source = format_host_port(*address[:2]) if isinstance(address, tuple) and address else str(tunnel.clients_at)
+        number = self.service.connection_ids.new()
+
+        def dial_leg(timeout):
+            leg = legs().connect(timeout)
+            self.service.connection_ids.dialled(leg, number)
+            return leg
+        relay(tunnel, stats, number, client, dial_leg, "client", f"from {source}", leg_is_near=False)
+
+    def carry_leg(self, tunnel, stats, leg, address):
+        """A leg accepted from the other vtunnel: dial the upstream and pump."""
+        relay(tunnel, stats, self.service.connection_ids.accepted(address), leg, tunnel.upstream.connect,
+              self.other_end, f"to {tunnel.upstream}", leg_is_near=True)
+
+
+class Peer(Role):
+    """The VM end: answers handshakes; forward, a listener per tunnel, each client carried to the
+    host over vsock; reverse, a vsock listener, each leg carried to the upstream in the VM."""
+    end, other_end = "peer", "host"
+
+    def __init__(self, transport, service):
+        super().__init__(transport, service)
         service.status = lambda: f"{self.listening()} tunnel(s) listening"
+
+    def dials_upstream(self, tunnel):
+        return tunnel.reverse
 
     @staticmethod
     def part(tunnel):
         """The keys the peer uses: a reload that changes none of them leaves its tunnel alone."""
-        return (tunnel.handshake_port, tunnel.vsock_host_port, tunnel.peer, tunnel.max_connections,
-                tunnel.connect_timeout, tunnel.idle_timeout)
+        return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.upstream if tunnel.reverse else
+                tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout)
 
     def listening(self):
         return sum(run.up for run in self.service.runs.values() if run.end == self.end)
 
     def start_tunnel(self, run):
         tunnel = run.tunnel
-        if warning := exposed_peer(tunnel):
+        if not tunnel.reverse and (warning := exposed_listener(tunnel)):
             log.warning("%s: %s", tunnel.name, warning)
         handshakes = self.transport.endpoint(tunnel.handshake_port)
         self.service.start_server(run, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
         log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
-        host = self.transport.endpoint(tunnel.vsock_host_port)
-        self.service.start_server(run, tunnel.peer, partial(self.carry, tunnel, host, run.stats), tunnel.name,
-                                  tunnel.max_connections)
-        run.set_state(f"listening on {tunnel.peer}", up=True)
-        log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.peer, host)
+        legs = self.transport.endpoint(tunnel.leg_port)
+        if tunnel.reverse:
+            listen, handle, far = legs, partial(self.carry_leg, tunnel, run.stats), tunnel.upstream
+        else:
+            listen, handle, far = tunnel.peer, partial(self.carry_client, tunnel, lambda: legs, run.stats), legs
+        self.service.start_server(run, listen, handle, tunnel.name, tunnel.max_connections)
+        run.set_state(f"listening on {listen}", up=True)
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, listen, far)
 
     def answer_handshake(self, sock, address):
         try:
@@ -2181,19 +2285,8 @@ class Peer:
         finally:
             sock.close()
 
-    def carry(self, tunnel, host, stats, client, address):
-        tune_tcp(client)
-        source = format_host_port(*address[:2]) if isinstance(address, tuple) else str(tunnel.peer)
-        number = self.service.connection_ids.new()
 
-        def dial_host(timeout):
-            leg = host.connect(timeout)
-            self.service.connection_ids.dialled(leg, number)
-            return leg
-        relay(tunnel, stats, number, client, dial_host, "client", f"from {source}", leg_is_near=False)
-
-
-class Host:
+class Host(Role):
     """The host end: after a handshake with the peer, a vsock listener per tunnel,
     each connection carried to the tunnel's upstream server.
 
@@ -2202,18 +2295,21 @@ class Host:
     new GUID at every restart): the tunnel then finds it again and listens anew.
     """
 
-    end, far_name = "host", "upstream"
+    end, other_end = "host", "peer"
 
     def __init__(self, transport, service, vm_candidates=None):
-        self.transport, self.service = transport, service
+        super().__init__(transport, service)
         self.vm_candidates = vm_candidates or candidate_vm_ids
         service.status = self.status
+
+    def dials_upstream(self, tunnel):
+        return not tunnel.reverse
 
     @staticmethod
     def part(tunnel):
         """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
-        return (tunnel.handshake_port, tunnel.vsock_host_port, tunnel.upstream, tunnel.max_connections,
-                tunnel.connect_timeout, tunnel.idle_timeout)
+        return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.host_listen if tunnel.reverse else
+                tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout)
 
     def status(self):
         runs = [run for run in self.service.runs.values() if run.end == self.end]
@@ -2221,14 +2317,14 @@ class Host:
 
     def start_tunnel(self, run):
         run.set_state("looking for the peer")
-        self.service.spawn_for(run, self.serve_tunnel, run)
+        self.service.spawn_for(run, self.serve_reverse if run.tunnel.reverse else self.serve_tunnel, run)
 
     def serve_tunnel(self, run):
         tunnel = run.tunnel
         while True:
             transport = self.wait_for_peer(run)
             legs = transport.endpoint(tunnel.vsock_host_port)
-            server = self.service.start_server(run, legs, partial(self.carry, tunnel, run.stats), tunnel.name,
+            server = self.service.start_server(run, legs, partial(self.carry_leg, tunnel, run.stats), tunnel.name,
                                                tunnel.max_connections)
             log.info("%s: listening on %s, carrying to %s", tunnel.name, legs, tunnel.upstream)
             run.set_state(f"connected to the peer; listening on {legs}", up=True)
@@ -2240,6 +2336,32 @@ class Host:
             run.set_state("looking for the peer again", up=False)
             self.service.status_changed()
             log.warning("%s: the peer at %s stopped answering; looking for it again", tunnel.name, transport)
+
+    def serve_reverse(self, run):
+        """A reverse tunnel: once the peer answers, listen where the config says, and carry each
+        client to the peer's vsock port in whichever VM the peer is now. The listener stays open
+        while the peer is looked for again (after a WSL restart): its clients are closed at once."""
+        tunnel = run.tunnel
+        if warning := exposed_listener(tunnel):
+            log.warning("%s: %s", tunnel.name, warning)
+        run.reach = self.wait_for_peer(run)
+        server = self.service.start_server(run, tunnel.host_listen, partial(
+            self.carry_client, tunnel, lambda: run.reach.endpoint(tunnel.vsock_peer_port), run.stats), tunnel.name,
+            tunnel.max_connections)
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.host_listen,
+                 run.reach.endpoint(tunnel.vsock_peer_port))
+        while True:
+            run.set_state(f"connected to the peer; listening on {tunnel.host_listen}", up=True)
+            self.service.status_changed()
+            if not run.reach.per_vm:
+                return
+            self.watch_peer(run, run.reach, server)
+            if not server.started:
+                return
+            run.set_state("looking for the peer again", up=False)
+            self.service.status_changed()
+            log.warning("%s: the peer at %s stopped answering; looking for it again", tunnel.name, run.reach)
+            run.reach = self.wait_for_peer(run)
 
     def wait_for_peer(self, run):
         """Handshake until a peer answers, and return the transport that reaches it."""
@@ -2283,10 +2405,6 @@ class Host:
                 log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
             else:
                 log.debug("%s: periodic handshake with %s: answered", tunnel.name, transport)
-
-    def carry(self, tunnel, stats, conn, address):
-        relay(tunnel, stats, self.service.connection_ids.accepted(address), conn, tunnel.upstream.connect, "peer",
-              f"to {tunnel.upstream}", leg_is_near=True)
 
 
 def handshake(endpoint):
@@ -2382,56 +2500,65 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def check_transport(tunnels, transport):
     transport.check_available()
     for tunnel in tunnels:
-        for port in (tunnel.handshake_port, tunnel.vsock_host_port):
+        for port in (tunnel.handshake_port, tunnel.leg_port):
             if port > transport.max_port:
                 raise UsageError(f"tunnel {tunnel.name!r}: vsock port {port} does not fit the "
                                  f"{transport} transport, whose ports stop at {transport.max_port}")
 
 
-def unavailable_upstream(tunnel):
-    """Why a host on this platform cannot dial the tunnel's upstream, or None."""
-    if isinstance(tunnel.upstream, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
-        return vtunnel_npipe.UNAVAILABLE_REASON
+def unavailable_on_host(tunnel):
+    """(key, endpoint, why) when a host on this platform cannot dial the tunnel's upstream or listen
+    where it says; else None."""
+    key, endpoint = ("host-listen-address", tunnel.host_listen) if tunnel.reverse else ("upstream", tunnel.upstream)
+    if isinstance(endpoint, PipeEndpoint) and tunnel.reverse:
+        return key, endpoint, "a host cannot listen on a named pipe yet"
+    if isinstance(endpoint, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
+        return key, endpoint, vtunnel_npipe.UNAVAILABLE_REASON
     return None
 
 
-def exposed_peer(tunnel):
-    """Why the tunnel's peer address deserves a warning, or None."""
-    if tunnel.peer.is_loopback:
+def exposed_listener(tunnel):
+    """Why the address the tunnel's clients connect to deserves a warning, or None."""
+    if tunnel.clients_at.is_loopback:
         return None
-    return (f"{tunnel.peer} is not a loopback address: anyone who can reach it reaches {tunnel.upstream} "
-            "through the host")
+    reached = f"{tunnel.upstream} in the VM" if tunnel.reverse else f"{tunnel.upstream} through the host"
+    return f"{tunnel.clients_at} is not a loopback address: anyone who can reach it reaches {reached}"
 
 
-def check_upstreams(tunnels):
+def check_host_side(tunnels):
     for tunnel in tunnels:
-        if reason := unavailable_upstream(tunnel):
-            raise StartupError(f"tunnel {tunnel.name!r}: upstream {tunnel.upstream}: {reason}")
+        if problem := unavailable_on_host(tunnel):
+            key, endpoint, reason = problem
+            raise StartupError(f"tunnel {tunnel.name!r}: {key} {endpoint}: {reason}")
 
 
-def load_checked_config(path, transport, dials_upstreams):
+def load_checked_config(path, transport, host_side):
     """The config's tunnels, once everything this end will need of them is there: at start and
     at every reload."""
     tunnels = load_config(path)
     check_transport(tunnels, transport)
-    if dials_upstreams:
-        check_upstreams(tunnels)
+    if host_side:
+        check_host_side(tunnels)
     return tunnels
 
 
 def config_warnings(tunnels):
     """What `check` tells beside the table: what peer, host or local would refuse or warn about here."""
     for tunnel in tunnels:
-        if reason := unavailable_upstream(tunnel):
-            yield f"tunnel {tunnel.name!r}: a host here would refuse upstream {tunnel.upstream}: {reason}"
-        if warning := exposed_peer(tunnel):
+        if problem := unavailable_on_host(tunnel):
+            key, endpoint, reason = problem
+            yield f"tunnel {tunnel.name!r}: a host here would refuse {key} {endpoint}: {reason}"
+        if warning := exposed_listener(tunnel):
             yield f"tunnel {tunnel.name!r}: {warning}"
 
 
 def format_table(tunnels):
-    rows = [("NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM")]
-    rows += [(t.name, str(t.handshake_port), str(t.vsock_host_port), str(t.peer), str(t.upstream))
-             for t in tunnels]
+    rows = [("NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM")]
+    for t in tunnels:
+        vsock_end, listen_end, upstream = ("peer", "host", f"{t.upstream} (in the VM)") if t.reverse else (
+            "host", "peer", str(t.upstream))
+        rows.append((t.name, t.direction, str(t.handshake_port), f"{vsock_end}:{t.leg_port}",
+                     f"{listen_end} {t.clients_at}", upstream))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -2519,7 +2646,7 @@ def run(args):
                 raise UsageError(f"--vm-id picks a Hyper-V VM: it goes with --vsock hyperv, not {transport}")
             transport = transport.for_vm(args["--vm-id"].strip("{}"))
         roles = [(Peer if args["peer"] else Host)(transport, service)]
-    service.load_tunnels = partial(load_checked_config, transport=transport, dials_upstreams=not args["peer"])
+    service.load_tunnels = partial(load_checked_config, transport=transport, host_side=not args["peer"])
     tunnels = service.load_tunnels(args["--config-path"])  # nothing opens before it all checks out
     log.info("vtunnel %s %s: %d tunnel(s) over %s, up to %s open files", __version__,
              "local" if args["local"] else "peer" if args["peer"] else "host", len(tunnels), transport,

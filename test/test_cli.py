@@ -31,7 +31,7 @@ def test_version_and_help():
 def test_check_prints_the_tunnels(tmp_path):
     code, out, err = run_vtunnel("check", "--config-path", ROOT / "config.yaml")
     assert code == 0, err
-    assert out.splitlines()[0].split() == ["NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM"]
+    assert out.splitlines()[0].split() == ["NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM"]
     assert "tcpTunnel" in out and "127.0.0.1:3030" in out
 
 
@@ -184,3 +184,23 @@ def test_status_with_nothing_there_is_one_line_and_exit_1():
     assert code == 1 and out == ""
     assert err == (f"vtunnel: cannot ask a vtunnel at 127.0.0.1:{port}: connection refused (is one running there "
                    f"with --metrics 127.0.0.1:{port}?)\n")
+
+
+def test_check_shows_each_tunnel_s_direction_and_warns_about_a_reverse_tunnel_s_listener(tmp_path):
+    reverse = {"name": "rev", "handshake-port": 9290, "vsock-peer-port": 9291, "host-listen-address": "0.0.0.0:8080",
+               "upstream-server-address": "127.0.0.1:80"}
+    piped = {**reverse, "name": "piped", "handshake-port": 9292, "vsock-peer-port": 9293,
+             "host-listen-address": "npipe:////./pipe/docker_engine"}
+    code, out, err = run_vtunnel("check", "--config-path", write_config(tmp_path, [tunnel_entry("fwd", 1), reverse,
+                                                                                   piped]))
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[0][:4] == ["fwd", "VM", "->", "host"] and rows[0][5].startswith("host:")
+    assert rows[1] == ["rev", "host", "->", "VM", "9290", "peer:9291", "host", "0.0.0.0:8080", "127.0.0.1:80", "(in",
+                       "the", "VM)"]
+    assert err.splitlines() == [
+        "vtunnel: warning: tunnel 'rev': 0.0.0.0:8080 is not a loopback address: anyone who can reach it reaches "
+        "127.0.0.1:80 in the VM",
+        "vtunnel: warning: tunnel 'piped': a host here would refuse host-listen-address "
+        "npipe:////./pipe/docker_engine: a host cannot listen on a named pipe yet",
+    ]

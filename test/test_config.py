@@ -254,3 +254,53 @@ def test_two_tunnels_on_one_peer_socket():
     text = GOOD.replace("    peer-address: 127.0.0.1\n    peer-port: 3030\n", "    peer-socket: /tmp/x.sock\n") \
                .replace("    peer-address: 127.0.0.1\n    peer-port: 4040\n", "    peer-socket: /tmp/x.sock\n")
     assert "peer-socket /tmp/x.sock is already used by tunnel 'tcpTunnel'" in one_error(text)
+
+
+REVERSE = """\
+tunnel:
+  - name: vm-web
+    handshake-port: 9290
+    vsock-peer-port: 9291
+    host-listen-address: {listen}
+    upstream-server-address: {upstream}
+{extra}"""
+
+
+def reverse(listen="127.0.0.1:8080", upstream="127.0.0.1:80", extra=""):
+    return REVERSE.format(listen=listen, upstream=upstream, extra=extra)
+
+
+def test_a_reverse_tunnel_loads_beside_a_forward_one():
+    forward, back = parse_config(GOOD.split("  - name: npipeTunnel")[0] + reverse().split("tunnel:\n")[1], "c.yaml")
+    assert not forward.reverse and (forward.leg_port, forward.clients_at) == (8989, TcpEndpoint("127.0.0.1", 3030))
+    assert back.reverse and (back.vsock_peer_port, back.leg_port, back.vsock_host_port, back.peer) == (9291, 9291,
+                                                                                                    None, None)
+    assert back.host_listen == TcpEndpoint("127.0.0.1", 8080) and back.upstream == TcpEndpoint("127.0.0.1", 80)
+    sock = parse_config(reverse("unix:///run/vm-web.sock", extra='    host-socket-mode: "0660"\n'))[0]
+    assert sock.host_listen == vtunnel.UnixEndpoint("/run/vm-web.sock", 0o660)
+    assert parse_config(reverse("unix:///run/w.sock"))[0].host_listen.mode == 0o600
+
+
+@pytest.mark.parametrize("text,expected", [
+    (reverse(extra="    peer-port: 3030\n"),
+     "c.yaml:2: tunnel 'vm-web': a reverse tunnel (it has vsock-peer-port, host-listen-address) takes none of "
+     "the forward keys (found peer-port)"),
+    (reverse(extra="    vsock-host-port: 1\n"), "takes none of the forward keys (found vsock-host-port)"),
+    (reverse().replace("    vsock-peer-port: 9291\n", ""),
+     "c.yaml:2: tunnel 'vm-web': missing key 'vsock-peer-port' (a reverse tunnel needs it)"),
+    (reverse().replace("    host-listen-address: 127.0.0.1:8080\n", ""),
+     "c.yaml:2: tunnel 'vm-web': missing key 'host-listen-address' (a reverse tunnel needs it)"),
+    (reverse(upstream="npipe:////./pipe/x"),
+     "c.yaml:6: tunnel 'vm-web': key 'upstream-server-address': a reverse tunnel's upstream is inside the VM: "
+     "expected IP:port or unix:///path, not npipe://"),
+    (reverse(extra='    host-socket-mode: "0660"\n'),
+     "c.yaml:7: tunnel 'vm-web': host-socket-mode goes with a unix:/// host-listen-address"),
+    (reverse(listen="nowhere"), "c.yaml:5: tunnel 'vm-web': key 'host-listen-address': "),
+    (reverse() + "  - name: other\n    handshake-port: 7\n    vsock-host-port: 9291\n    peer-port: 1\n"
+     "    peer-address: 127.0.0.1\n    upstream-server-address: 127.0.0.1:1\n",
+     "c.yaml:7: tunnel 'other': vsock-host-port 9291 is already used by tunnel 'vm-web' (line 2)"),
+    (reverse() + reverse().split("tunnel:\n")[1].replace("vm-web", "twin").replace("929", "939"),
+     "c.yaml:7: tunnel 'twin': host-listen-address 127.0.0.1:8080 is already used by tunnel 'vm-web' (line 2)"),
+])
+def test_reverse_tunnel_errors(text, expected):
+    assert expected in one_error(text)

@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import Vtunnel, echo_server, socket_dir, tunnel_entry, write_config
+from helpers import Vtunnel, _next_vsock_port, echo_server, free_port, socket_dir, tunnel_entry, write_config
 
 
 class Deployment:
@@ -21,6 +21,17 @@ class Deployment:
             del entry["peer-address"], entry["peer-port"]
             entry["peer-socket"] = str(peer_socket)
         entry.update(keys)
+        self.tunnels.append(entry)
+        self.config = write_config(self.tmp_path, self.tunnels)
+        return entry
+
+    def add_reverse(self, name, upstream, host_listen=None, **keys):
+        """A reverse tunnel: the host listens on `host_listen` (a free loopback port unless given), the
+        peer dials `upstream` ("IP:port" or "unix:///path")."""
+        vsock_port = free_port if self.mode in ("tcp", "local") else _next_vsock_port
+        entry = {"name": name, "handshake-port": vsock_port(), "vsock-peer-port": vsock_port(),
+                 "host-listen-address": host_listen or f"127.0.0.1:{free_port()}",
+                 "upstream-server-address": upstream, **keys}
         self.tunnels.append(entry)
         self.config = write_config(self.tmp_path, self.tunnels)
         return entry
@@ -46,6 +57,9 @@ class Deployment:
         """Until the host end has handshaken and listens for every tunnel."""
         host = self.local or self.host
         for entry in self.tunnels:
+            if "host-listen-address" in entry:
+                host.wait_for_log(f"{entry['name']}: listening on {entry['host-listen-address']}", timeout)
+                continue
             host.wait_for_log(f"{entry['name']}: listening on", timeout)
             host.wait_for_log(f"carrying to {entry['upstream-server-address']}", timeout)
 

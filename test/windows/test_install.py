@@ -43,4 +43,5 @@ def test_the_windows_pip_installs_vtunnel_exe_and_it_runs(tmp_path):
     version = wine(exe, "--version")
     assert (version.returncode, version.stdout.strip()) == (0, "vtunnel 0.1.0")
     check = wine(exe, "check", "--config-path", ROOT / "config.yaml")
-    assert check.returncode == 0 and check.stdout.split()[:5] == ["NAME", "HANDSHAKE", "VSOCK-HOST", "PEER", "UPSTREAM"]
+    assert check.returncode == 0
+    assert check.stdout.split()[:6] == ["NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM"]
