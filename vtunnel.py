@@ -334,9 +334,10 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "vsock-peer-port": ("vsock_peer_port", _vsock_port, None),
     "host-listen-address": ("host_listen_address", parse_upstream, None),
     "host-socket-mode": ("host_socket_mode", _file_mode, None),
+    "host-pipe-sddl": ("host_pipe_sddl", _text, None),
 }
 FORWARD_KEYS = ("vsock-host-port", "peer-address", "peer-port", "peer-socket", "peer-socket-mode")
-REVERSE_KEYS = ("vsock-peer-port", "host-listen-address", "host-socket-mode")
+REVERSE_KEYS = ("vsock-peer-port", "host-listen-address", "host-socket-mode", "host-pipe-sddl")
 
 
 class _Mapping(dict):
@@ -481,7 +482,7 @@ def _read_tunnel(entry, index, line, path, errors):
 
 
 PEER_FIELDS = ("peer_address", "peer_port", "peer_socket", "peer_socket_mode")  # four keys, one Tunnel.peer
-HOST_LISTEN_FIELDS = ("host_listen_address", "host_socket_mode")  # two keys, one Tunnel.host_listen
+HOST_LISTEN_FIELDS = ("host_listen_address", "host_socket_mode", "host_pipe_sddl")  # three keys, one host_listen
 
 
 def _read_host_listen(entry, fields, ends, line, problems):
@@ -501,8 +502,14 @@ def _read_host_listen(entry, fields, ends, line, problems):
     if mode is not None and listen is not None and not isinstance(listen, UnixEndpoint):
         problems.append((entry.key_lines["host-socket-mode"], "host-socket-mode goes with a unix:/// "
                          "host-listen-address"))
+    sddl = ends["host_pipe_sddl"]
+    if sddl is not None and listen is not None and not isinstance(listen, PipeEndpoint):
+        problems.append((entry.key_lines["host-pipe-sddl"], "host-pipe-sddl goes with an npipe:// "
+                         "host-listen-address"))
     if isinstance(listen, UnixEndpoint):
         return UnixEndpoint(listen.path, mode or 0o600)
+    if isinstance(listen, PipeEndpoint):
+        return PipeEndpoint(listen.path, sddl)
     return listen
 
 
@@ -842,11 +849,15 @@ class UnixEndpoint(Endpoint):
 class PipeEndpoint(Endpoint):
     """A Windows named pipe, npipe:////./pipe/NAME: an upstream, or where a reverse tunnel's host listens."""
     path: str  # Windows form: \\.\pipe\NAME
+    sddl: str = None  # where vtunnel listens: who may open it; None: only the user running vtunnel
 
     is_loopback = True  # the pipes vtunnel listens on reject remote clients
 
     def __str__(self):
         return "npipe://" + self.path.replace("\\", "/")
+
+    def listen(self):
+        return vtunnel_npipe.PipeListener(self.path, self.sddl)
 
     def connect(self, timeout):
         return vtunnel_npipe.connect(self.path, timeout)
@@ -1766,7 +1777,8 @@ class Service:
             raise StartupError(f"tunnel {run.tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
         run.cleanups.append(endpoint.close_listener)
         # A full pool stops the accept loop: further clients wait in the listen backlog.
-        server_class = ThreadedServer if isinstance(listener, ThreadedListener) else PolledServer
+        threaded = isinstance(listener, (ThreadedListener, vtunnel_npipe.PipeListener))  # accept() blocks
+        server_class = ThreadedServer if threaded else PolledServer
         server = server_class(listener, handle, spawn=gevent.pool.Pool(max_connections))
         server.name, server.crash = name, self.crash
         server.start()
@@ -2510,10 +2522,8 @@ def unavailable_on_host(tunnel):
     """(key, endpoint, why) when a host on this platform cannot dial the tunnel's upstream or listen
     where it says; else None."""
     key, endpoint = ("host-listen-address", tunnel.host_listen) if tunnel.reverse else ("upstream", tunnel.upstream)
-    if isinstance(endpoint, PipeEndpoint) and tunnel.reverse:
-        return key, endpoint, "a host cannot listen on a named pipe yet"
     if isinstance(endpoint, PipeEndpoint) and not vtunnel_npipe.AVAILABLE:
-        return key, endpoint, vtunnel_npipe.UNAVAILABLE_REASON
+        return key, endpoint, vtunnel_npipe.CANNOT_LISTEN_REASON if tunnel.reverse else vtunnel_npipe.UNAVAILABLE_REASON
     return None
 
 

@@ -1,4 +1,5 @@
-"""Windows named pipes as vtunnel endpoints (npipe:////./pipe/NAME upstreams).
+"""Windows named pipes as vtunnel endpoints: npipe:////./pipe/NAME upstreams, and PipeListener,
+where a reverse tunnel's Windows host listens.
 
 A pipe opened with FILE_FLAG_OVERLAPPED can have a read and a write pending at
 once; a synchronous handle would serialise a pending read with every write, and
@@ -15,10 +16,12 @@ import time
 
 import gevent
 import gevent.event
+import gevent.queue
 import gevent.threadpool
 
 AVAILABLE = sys.platform == "win32"
 UNAVAILABLE_REASON = "named-pipe upstreams need Windows; this is " + sys.platform
+CANNOT_LISTEN_REASON = "named-pipe listeners need Windows; this is " + sys.platform
 
 if AVAILABLE:
     import _winapi
@@ -31,6 +34,13 @@ ERROR_MORE_DATA = 234
 ERROR_PIPE_NOT_CONNECTED = 233
 ERROR_OPERATION_ABORTED = 995
 ERROR_IO_PENDING = 997
+ERROR_NO_DATA = 232  # a client connected and left before its instance was accepted
+ERROR_PIPE_CONNECTED = 535  # a client connected before ConnectNamedPipe was called
+FILE_FLAG_FIRST_PIPE_INSTANCE = 0x00080000
+PIPE_TYPE_BYTE = PIPE_READMODE_BYTE = 0  # not in _winapi, which has the message-mode ones
+PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
+PIPE_UNLIMITED_INSTANCES = 255
+PIPE_BUFFER = 64 * 1024
 END_OF_STREAM = (ERROR_BROKEN_PIPE, ERROR_PIPE_NOT_CONNECTED)
 
 BUSY_WAIT_MS = 250  # one WaitNamedPipe, between tries at a busy pipe
@@ -104,6 +114,162 @@ def connect(path, timeout):
             if exc.winerror not in (ERROR_SEM_TIMEOUT, ERROR_FILE_NOT_FOUND):
                 raise PipeError(exc.errno, exc.strerror, path) from None
             gevent.sleep(0.01)  # the pipe was between instances: try again
+
+
+def user_only_sddl():
+    """A DACL in SDDL that admits only the user running vtunnel (and LocalSystem), full access."""
+    return f"D:P(A;;GA;;;{_current_user_sid()})(A;;GA;;;SY)"
+
+
+def _current_user_sid():
+    import ctypes
+    from ctypes import wintypes
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    token, size = wintypes.HANDLE(), wintypes.DWORD()
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    process = wintypes.HANDLE(kernel32.GetCurrentProcess())
+    if not advapi32.OpenProcessToken(process, 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
+        raise ctypes.WinError(ctypes.get_last_error())
+    try:
+        advapi32.GetTokenInformation(token, 1, None, 0, ctypes.byref(size))  # TokenUser: how big it is
+        buffer = ctypes.create_string_buffer(size.value)
+        if not advapi32.GetTokenInformation(token, 1, buffer, size, ctypes.byref(size)):
+            raise ctypes.WinError(ctypes.get_last_error())
+        sid = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_void_p))[0]  # TOKEN_USER.User.Sid comes first
+        text = wintypes.LPWSTR()
+        if not advapi32.ConvertSidToStringSidW(ctypes.c_void_p(sid), ctypes.byref(text)):
+            raise ctypes.WinError(ctypes.get_last_error())
+        try:
+            return text.value
+        finally:
+            kernel32.LocalFree(text)
+    finally:
+        kernel32.CloseHandle(token)
+
+
+class SecurityAttributes:
+    """A SECURITY_ATTRIBUTES made from SDDL, kept alive while pipes are created with it (`address`)."""
+
+    def __init__(self, sddl):
+        import ctypes
+        from ctypes import wintypes
+
+        class SECURITY_ATTRIBUTES(ctypes.Structure):  # noqa: N801 (the Windows name)
+            _fields_ = [("nLength", wintypes.DWORD), ("lpSecurityDescriptor", ctypes.c_void_p),
+                        ("bInheritHandle", wintypes.BOOL)]
+        advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+        self.descriptor = ctypes.c_void_p()
+        if not advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, 1, ctypes.byref(self.descriptor),
+                                                                             None):
+            raise PipeError(errno.EINVAL, f"not a security descriptor Windows accepts: {sddl!r} "
+                                          f"({ctypes.FormatError(ctypes.get_last_error())})")
+        self.struct = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), self.descriptor, False)
+        self.address = ctypes.addressof(self.struct)
+        self._free = ctypes.WinDLL("kernel32").LocalFree
+
+    def close(self):
+        if self.descriptor:
+            self._free(self.descriptor)
+            self.descriptor = None
+
+
+class PipeListener:
+    """A named-pipe server, as a listening socket looks to an accept loop: accept() and close().
+
+    `waiting` instances wait for clients at once, each in an overlapped ConnectNamedPipe, and
+    one taken is replaced as soon as its client connects (not when accept() gets to it), so a
+    burst of up to `waiting` clients never meets "all pipe instances are busy". The first
+    instance is created with FILE_FLAG_FIRST_PIPE_INSTANCE: if another process serves the name
+    already, listening fails rather than sharing it. Remote clients are refused
+    (PIPE_REJECT_REMOTE_CLIENTS); the DACL admits only the user running vtunnel unless `sddl`
+    says otherwise.
+    """
+
+    def __init__(self, path, sddl=None, waiting=16):
+        if not AVAILABLE:
+            raise PipeError(errno.EOPNOTSUPP, CANNOT_LISTEN_REASON)
+        self.path, self.closed, self.security = path, False, None
+        self.pending = {}  # handle -> the overlapped ConnectNamedPipe of each instance waiting for a client
+        self.connected = gevent.queue.Queue()  # handles with a client, or the error that stopped a new instance
+        try:
+            self.security = SecurityAttributes(sddl or user_only_sddl())
+            for index in range(waiting):
+                self._add_instance(first=index == 0)
+        except OSError:
+            self.close()
+            raise
+
+    def _add_instance(self, first=False):
+        open_mode = _winapi.PIPE_ACCESS_DUPLEX | _winapi.FILE_FLAG_OVERLAPPED
+        if first:
+            open_mode |= FILE_FLAG_FIRST_PIPE_INSTANCE
+        try:
+            handle = _winapi.CreateNamedPipe(self.path, open_mode, PIPE_TYPE_BYTE | PIPE_READMODE_BYTE
+                                             | _winapi.PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+                                             PIPE_UNLIMITED_INSTANCES, PIPE_BUFFER, PIPE_BUFFER, 0,
+                                             self.security.address)
+        except OSError as exc:
+            if exc.winerror == 5 and first:  # ERROR_ACCESS_DENIED: the name is someone else's already
+                raise PipeError(errno.EADDRINUSE, "another process serves this pipe already", self.path) from None
+            raise PipeError(exc.errno, exc.strerror, self.path) from None
+        try:
+            overlapped = _winapi.ConnectNamedPipe(handle, overlapped=True)
+        except OSError as exc:
+            if exc.winerror != ERROR_NO_DATA:
+                _winapi.CloseHandle(handle)
+                raise PipeError(exc.errno, exc.strerror, self.path) from None
+            overlapped = None  # a client came and went already: handed out, it ends at once
+        self.pending[handle] = overlapped
+        gevent.spawn(self._await_client, handle, overlapped)
+
+    def _await_client(self, handle, overlapped):
+        err = 0
+        if overlapped is not None:
+            try:
+                _, err = run_in_thread(threadpool(), overlapped.GetOverlappedResult, True)
+            except OSError as exc:
+                err = getattr(exc, "winerror", None) or -1
+        if self.closed:
+            return  # close() has closed the handle
+        self.pending.pop(handle, None)
+        if err in (0, ERROR_NO_DATA, ERROR_PIPE_CONNECTED):
+            self.connected.put(handle)
+        else:
+            _winapi.CloseHandle(handle)
+        try:
+            self._add_instance()
+        except OSError as exc:
+            self.connected.put(exc)
+
+    def accept(self):
+        """(a PipeStream for the next client, None): as socket.accept, the address unknown."""
+        item = self.connected.get()
+        if self.closed or item is None:
+            raise OSError(errno.EBADF, "the pipe listener was closed")
+        if isinstance(item, OSError):
+            raise item
+        return PipeStream(item, self.path), None
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for handle, overlapped in self.pending.items():
+            if overlapped is not None:
+                try:
+                    overlapped.cancel()  # its waiting thread wakes with ERROR_OPERATION_ABORTED
+                except OSError:
+                    pass
+            _winapi.CloseHandle(handle)
+        self.pending.clear()
+        while not self.connected.empty():  # clients connected but never accepted: closed
+            item = self.connected.get()
+            if isinstance(item, int):
+                _winapi.CloseHandle(item)
+        self.connected.put(None)  # wakes an accept() that waits
+        if self.security is not None:
+            self.security.close()
 
 
 class PipeStream:

@@ -202,5 +202,5 @@ def test_check_shows_each_tunnel_s_direction_and_warns_about_a_reverse_tunnel_s_
         "vtunnel: warning: tunnel 'rev': 0.0.0.0:8080 is not a loopback address: anyone who can reach it reaches "
         "127.0.0.1:80 in the VM",
         "vtunnel: warning: tunnel 'piped': a host here would refuse host-listen-address "
-        "npipe:////./pipe/docker_engine: a host cannot listen on a named pipe yet",
+        f"npipe:////./pipe/docker_engine: named-pipe listeners need Windows; this is {sys.platform}",
     ]

@@ -304,3 +304,10 @@ def test_a_reverse_tunnel_loads_beside_a_forward_one():
 ])
 def test_reverse_tunnel_errors(text, expected):
     assert expected in one_error(text)
+
+
+def test_host_pipe_sddl_goes_with_a_pipe_listener():
+    assert parse_config(reverse("npipe:////./pipe/docker_engine", extra='    host-pipe-sddl: "D:P(A;;GA;;;AU)"\n'))[
+        0].host_listen == PipeEndpoint(r"\\.\pipe\docker_engine", "D:P(A;;GA;;;AU)")
+    assert one_error(reverse(extra='    host-pipe-sddl: "D:P(A;;GA;;;AU)"\n')) == \
+        "c.yaml:7: tunnel 'vm-web': host-pipe-sddl goes with an npipe:// host-listen-address"

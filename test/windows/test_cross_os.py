@@ -25,6 +25,7 @@ from helpers import (
     sha256,
     socket_dir,
     tunnel_entry,
+    unix_echo_server,
     wait_until,
     write_config,
 )
@@ -281,4 +282,40 @@ def test_vtunnel_reload_reloads_a_windows_host(tmp_path):
         peer.stop()
         host.stop()
         pipes.stop()
+        upstream.stop()
+
+
+# ---------------------------------------------------------------- a reverse tunnel: the Windows host listens on a pipe
+
+def test_windows_programs_reach_a_vm_service_through_a_pipe_the_windows_host_listens_on(tmp_path):
+    """The Docker shape, reversed: a Windows `vtunnel host` listens on a named pipe, a Linux peer dials a
+    Unix-socket upstream "in the VM"; 8 Windows clients (the Windows Python) open the pipe at once and
+    echo 1 MiB each, SHA-256 both ways; the pipe admits only the user running vtunnel."""
+    sockets = socket_dir()
+    upstream = unix_echo_server(f"{sockets}/docker.sock")
+    pipe = rf"\\.\pipe\vtunnel-rev-{os.getpid()}"
+    entry = {"name": "docker", "handshake-port": free_port(), "vsock-peer-port": free_port(),
+             "host-listen-address": "npipe://" + pipe.replace("\\", "/"),
+             "upstream-server-address": f"unix://{sockets}/docker.sock"}
+    config = write_config(tmp_path, [entry])
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", config, "--vsock",
+                       "tcp:127.0.0.1", marker=str(config))
+    try:
+        host.wait_for(f"docker: listening on {entry['host-listen-address']}")
+        done = subprocess.run(["bash", WINEPY, ROOT / "test/windows/pipe_clients.py", pipe, "8", str(1024 * 1024)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        print(done.stdout, done.stderr)
+        clients = re.findall(r"^client (\d+) sent (\w+) got (\w+)$", done.stdout, re.M)
+        assert sorted(int(n) for n, _, _ in clients) == list(range(8))
+        assert all(sent == got for _, sent, got in clients)
+        for _, sent, _ in clients:  # and the upstream in the VM got each upload, byte for byte
+            wait_until(lambda sent=sent: (1024 * 1024, sent) in upstream.received, what="the upstream's count")
+        dacl = re.search(r"^dacl (.*)$", done.stdout, re.M)[1]
+        wanted = re.search(r"^wanted (.*)$", done.stdout, re.M)[1]
+        assert dacl == wanted and wanted.startswith("D:P(A;;GA;;;S-1-5-") and wanted.endswith("(A;;GA;;;SY)")
+    finally:
+        print("--- windows host:\n" + host.log + "\n--- linux peer:\n" + peer.log)
+        peer.stop()
+        host.stop()
         upstream.stop()
