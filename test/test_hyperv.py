@@ -180,3 +180,55 @@ def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
     service.greenlets.kill()
     service._drain()
     second.stop()
+
+
+def test_a_reverse_tunnel_keeps_listening_and_dials_the_peer_in_its_new_vm(monkeypatch):
+    """Reverse, on Hyper-V: the host's listener stays open while WSL restarts, and each client is
+    carried to the peer's vsock port in whichever VM the peer is now (over a fake AF_HYPERV)."""
+    monkeypatch.setattr(vtunnel, "PEER_CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(vtunnel, "HANDSHAKE_BACKOFF", (0.05, 0.2))
+
+    def peer_leg(word):  # the peer's vsock listener in one VM: it says which VM it is in
+        server = gevent.server.StreamServer(("127.0.0.1", 0), lambda sock, _: sock.sendall(word))
+        server.start()
+        return server, server.server_port
+
+    def read_through(port):
+        with gevent.socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            chunks = []
+            while data := sock.recv(1024):
+                chunks.append(data)
+            return b"".join(chunks)
+
+    first, first_port = seed_server()
+    old_leg, old_leg_port = peer_leg(b"old vm")
+    listen_port = free_port()
+    tunnel = vtunnel.parse_config(
+        "tunnel:\n- {name: t, handshake-port: 7, vsock-peer-port: 9, "
+        f"host-listen-address: '127.0.0.1:{listen_port}', upstream-server-address: '127.0.0.1:1'}}\n")[0]
+    routes = {("old", 7): first_port, ("old", 9): old_leg_port}
+    running = {"old"}
+    service = Service(grace=0.1)
+    service.start([Host(FakeHyperV(routes=routes), service, vm_candidates=lambda: sorted(running))], [tunnel])
+    assert eventually(lambda: listening(listen_port)), "the host listens for its clients"
+    assert read_through(listen_port) == b"old vm"
+    # WSL restarts: the old VM and its peer are gone, a new GUID appears.
+    first.stop()
+    old_leg.stop()
+    second, second_port = seed_server()
+    new_leg, new_leg_port = peer_leg(b"new vm")
+    routes.update({("new", 7): second_port, ("new", 9): new_leg_port})
+    running.clear()
+    running.add("new")
+
+    def served_by_the_new_vm():
+        try:
+            return read_through(listen_port) == b"new vm"
+        except OSError:
+            return False
+    assert eventually(served_by_the_new_vm), "clients reach the peer in the new VM, on the same listener"
+    assert service.runs[("t", "host")].up
+    service.stopping.set()
+    service._drain()
+    second.stop()
+    new_leg.stop()
