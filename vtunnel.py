@@ -55,7 +55,8 @@ unavailable), 2 bad command line or config.
 #   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux
 #   7. Servers and the service   accept loops, counters (Stats), a TunnelRun per tunnel and end, signals,
 #                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics
-#   8. Peer and host             the two roles; relay() dials the far end for each connection and pumps
+#   8. Peer and host             the two roles (Role: carry a client to a leg, or a leg to the upstream;
+#                                forward or reverse); relay() dials the far end for each connection and pumps
 #   9. Finding the VM            Windows: every running VM is handshaked at once
 #  10. Command line              parse_args, run, main; status and reload ask a running vtunnel
 #

@@ -1,6 +1,11 @@
 """vtunnel beside socat and beside direct loopback, in one run, against the same upstreams.
 
     python test/bench/bench.py [--out FILE.md] [--seconds N] [--rounds N] [--configs A,B,...]
+                               [--base CONFIG] [--clients N]
+
+"socat vsock" and "vtunnel vsock" go over real AF_VSOCK (a TCP listener, vsock to CID 1, TCP to the
+upstream): only inside the throwaway guest of test/vsockvm.sh (`tox -e bench-vsock`), where CID 1 is
+loopback; anywhere else they are refused, since a vsock connection would reach the hypervisor.
 
 A configuration named "vtunnel=PATH tcp" runs the vtunnel.py at PATH (another checkout) instead of
 this one, so a change is measured before and after side by side in one run.
@@ -34,6 +39,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CONFIGS = ["direct", "socat", "socat -b 262144", "vtunnel tcp", "vtunnel unix", "vtunnel local"]
 BASE = "socat -b 262144"
+_vsock_ports = iter(range(20000, 30000))
+
+
+def in_vsock_guest():
+    try:
+        return "vsockvm_guest=1" in Path("/proc/cmdline").read_text().split()
+    except OSError:
+        return False
 
 
 def free_port():
@@ -63,7 +76,19 @@ class Chain:
             self.ports = list(upstreams)
             return
         self.ports = [free_port() for _ in upstreams]
-        if name.startswith("socat"):
+        if name.endswith(" vsock") and not in_vsock_guest():
+            raise RuntimeError(f"{name}: real AF_VSOCK only inside the guest of test/vsockvm.sh (tox -e bench-vsock)")
+        if name == "socat vsock":  # the chain users build by hand: TCP -> vsock -> TCP, socat's largest buffer
+            for port, upstream in zip(self.ports, upstreams, strict=True):
+                vsock_port = next(_vsock_ports)
+                self.procs.append(subprocess.Popen(
+                    ["socat", "-b", "262144", f"VSOCK-LISTEN:{vsock_port},fork,backlog=4096",
+                     f"TCP:127.0.0.1:{upstream},nodelay"],
+                    stderr=subprocess.DEVNULL))
+                self.procs.append(subprocess.Popen(
+                    ["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                     f"VSOCK-CONNECT:1:{vsock_port}"], stderr=subprocess.DEVNULL))
+        elif name.startswith("socat"):
             extra = name.split()[1:]
             for port, upstream in zip(self.ports, upstreams, strict=True):
                 middle = free_port()
@@ -72,9 +97,10 @@ class Chain:
                         ["socat", *extra, f"TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
                          f"TCP:127.0.0.1:{target},nodelay"], stderr=subprocess.DEVNULL))
         else:
+            vsock_port = (lambda: next(_vsock_ports)) if name.endswith(" vsock") else free_port
             config = Path(tmp) / f"config-{len(os.listdir(tmp))}.yaml"
             config.write_text("tunnel:\n" + "".join(
-                f"  - name: bench{i}\n    handshake-port: {free_port()}\n    vsock-host-port: {free_port()}\n"
+                f"  - name: bench{i}\n    handshake-port: {vsock_port()}\n    vsock-host-port: {vsock_port()}\n"
                 f"    peer-address: 127.0.0.1\n    peer-port: {port}\n"
                 f"    upstream-server-address: 127.0.0.1:{upstream}\n"
                 for i, (port, upstream) in enumerate(zip(self.ports, upstreams, strict=True))))
@@ -85,6 +111,9 @@ class Chain:
             kind = name.split()[1]
             if kind == "local":
                 self.procs.append(subprocess.Popen(cmd + ["local"] + common))
+            elif kind == "vsock":  # the peer on its default transport (AF_VSOCK), the host dialling CID 1
+                self.procs.append(subprocess.Popen(cmd + ["peer"] + common))
+                self.procs.append(subprocess.Popen(cmd + ["host", "--vsock", "vsock:1"] + common))
             else:
                 transport = "tcp:127.0.0.1" if kind == "tcp" else f"unix:{tempfile.mkdtemp(dir='/tmp')}/v"
                 for role in ("peer", "host"):
@@ -136,6 +165,15 @@ class Chain:
             except OSError:
                 continue
             total += int(text.split("Pss:")[1].split()[0])
+        return total
+
+    def descriptors(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
         return total
 
     def stop(self):
@@ -213,7 +251,8 @@ def integrity(port):
 def iperf(port, seconds, reverse=False, streams=1):
     args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(streams)]
     for _ in range(20):  # the server takes one test at a time, and may still be ending the last one
-        done = subprocess.run(args + (["-R"] if reverse else []), capture_output=True, text=True)
+        done = subprocess.run(args + (["-R"] if reverse else []), capture_output=True, text=True,
+                              timeout=seconds * 4 + 60)  # a hung relay ends the run with an error, not never
         result = json.loads(done.stdout)
         if "busy" not in result.get("error", ""):
             break
@@ -242,50 +281,57 @@ def rtt(port, count=10000):
 
 
 def connection_rate(port, seconds, concurrency):
-    """Connect, 1-byte round trip, close, as fast as `concurrency` clients can."""
-    done = [0]
+    """Connect, 1-byte round trip, close, as fast as `concurrency` clients can: (completed per
+    second, connections that failed: refused, reset or closed without the byte)."""
+    done, failed = [0], [0]
     deadline = time.monotonic() + seconds
 
     def client():
         while time.monotonic() < deadline:
-            sock = gevent.socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"!")
-            assert sock.recv(1) == b"!"
-            sock.close()
-            done[0] += 1
+            try:  # a timeout too: a relay that drops a connection without closing it must not hang the run
+                sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"!")
+                ok = sock.recv(1) == b"!"
+                sock.close()
+            except OSError:
+                ok = False
+            done[0] += ok
+            failed[0] += not ok
     start = time.monotonic()
     gevent.joinall([gevent.spawn(client) for _ in range(concurrency)], raise_error=True)
-    return done[0] / (time.monotonic() - start)
+    return done[0] / (time.monotonic() - start), failed[0]
 
 
 def idle_memory(chain, count=1000):
-    before = chain.pss_kib()
+    """(KiB of PSS, descriptors) the relays hold per idle connection."""
+    before, fds_before = chain.pss_kib(), chain.descriptors()
     socks = []
     for _ in range(count):
-        s = socket.create_connection(("127.0.0.1", chain.port))
+        s = socket.create_connection(("127.0.0.1", chain.port), timeout=30)
         s.sendall(b"k")
         socks.append(s)
     for s in socks:
         assert s.recv(1) == b"k"
     time.sleep(1)
-    after = chain.pss_kib()
+    after, fds_after = chain.pss_kib(), chain.descriptors()
     for s in socks:
         s.close()
-    return (after - before) / count
+    return (after - before) / count, (fds_after - fds_before) / count
 
 
 # ------------------------------------------------------------------ the run
 
-def measure(chain, tools, seconds):
+def measure(chain, tools, seconds, clients, idle):
     row = {}
     if not integrity(chain.port):
         raise RuntimeError(f"{chain.name}: bytes were corrupted")
     row["intact"] = "yes"
     row["rtt p50 µs"], row["rtt p99 µs"] = rtt(chain.port)
-    row["conn/s sequential"] = connection_rate(chain.port, seconds / 2, 1)
-    row["conn/s 50 clients"] = connection_rate(chain.port, seconds / 2, 50)
+    row["conn/s sequential"], failed = connection_rate(chain.port, seconds / 2, 1)
+    row[f"conn/s {clients} clients"], failed_many = connection_rate(chain.port, seconds / 2, clients)
+    row["failed connections"] = float(failed + failed_many)
     if chain.procs:
-        row["KiB per idle conn"] = idle_memory(chain)
+        row["KiB per idle conn"], row["descriptors per idle conn"] = idle_memory(chain, idle)
     return row
 
 
@@ -314,12 +360,12 @@ def median_row(rows):
             else rows[0][metric] for metric in rows[0]}
 
 
-def table(results):
+def table(results, base):
     metrics = []
     for row in results.values():
         metrics += [m for m in row if m not in metrics]
-    better_low = {"rtt p50 µs", "rtt p99 µs", "KiB per idle conn", "machine CPU s per GiB",
-                  "relay CPU s per GiB"}
+    better_low = {"rtt p50 µs", "rtt p99 µs", "KiB per idle conn", "descriptors per idle conn",
+                  "machine CPU s per GiB", "relay CPU s per GiB"}
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in metrics:
@@ -334,10 +380,10 @@ def table(results):
                 continue
             text = f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
             ratios = []
-            for ref in (BASE, "direct"):
-                base = results.get(ref, {}).get(metric)
-                if ref != name and isinstance(base, float) and base:
-                    ratios.append(f"{value / base:.2f}× {'socat' if ref == BASE else 'direct'}")
+            for ref in (base, "direct"):
+                reference = results.get(ref, {}).get(metric)
+                if ref != name and isinstance(reference, float) and reference:
+                    ratios.append(f"{value / reference:.2f}× {'socat' if ref == base else 'direct'}")
             cells.append(text + (f" ({', '.join(ratios)})" if ratios else ""))
         lines.append(f"| {metric}{' (lower is better)' if metric in better_low else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -349,6 +395,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=4, help="length of each timed run")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report each figure's median")
+    parser.add_argument("--base", default=BASE, help="the configuration the ratios compare with")
+    parser.add_argument("--clients", type=int, default=50, help="clients at once for the second conn/s figure")
+    parser.add_argument("--idle", type=int, default=1000, help="idle connections held to price one")
     args = parser.parse_args()
     tools = ensure_tools()
     for tool, present in tools.items():
@@ -363,15 +412,18 @@ def main():
                 print(f"bench: round {number}/{args.rounds}: {name}", file=sys.stderr)
                 chain = upstreams.chain(name)
                 try:
-                    row = measure(chain, tools, args.seconds)
+                    row = measure(chain, tools, args.seconds, args.clients, args.idle)
                     row.update(measure_iperf(chain, tools, args.seconds))
                     rounds[name].append(row)
+                    print(f"bench: {name}: {json.dumps(row)}", file=sys.stderr, flush=True)  # kept if a later one hangs
                 finally:
                     chain.stop()
     results = {name: median_row(rows) for name, rows in rounds.items()}
     machine = f"{os.cpu_count()} cores, {os.uname().release}, Python {sys.version.split()[0]}"
     median = f", the median of {args.rounds} rounds" if args.rounds > 1 else ""
-    report = f"vtunnel benchmark on {machine}{median}\n\n{table(results)}\n"
+    guest = (" inside the QEMU guest of test/vsockvm.sh (emulated: only the ratios within this run count)"
+             if in_vsock_guest() else "")
+    report = f"vtunnel benchmark on {machine}{guest}{median}\n\n{table(results, args.base)}\n"
     print(report)
     if args.out:
         Path(args.out).write_text(report)

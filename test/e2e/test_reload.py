@@ -3,23 +3,24 @@ them, at both ends, over every transport; a config with problems changes nothing
 
 import re
 import signal
-import socket
 import threading
 
 import pytest
 from test_failure_matrix import VSOCK_GUEST
 
-from helpers import MODES, SlowTransfer, echo_works, exchange, free_port, source_server, stream_bytes, wait_until
+from helpers import (
+    MODES,
+    SlowTransfer,
+    echo_works,
+    exchange,
+    free_port,
+    listening,
+    source_server,
+    stream_bytes,
+    wait_until,
+)
 
 MiB = 1024 * 1024
-
-
-def connectable(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def reload(d):
@@ -74,7 +75,7 @@ def test_a_reload_adds_removes_changes_and_keeps_tunnels_while_transfers_run(dep
         "the removed tunnel's connection that outlived --grace ends in a reset"
     assert echo_works(keep["peer-port"], 100_000)
     assert wait_until(lambda: echo_works(moved["peer-port"]), what="the moved tunnel on its new port")
-    assert not connectable(old_moved_port) and not connectable(gone["peer-port"])
+    assert not listening(old_moved_port) and not listening(gone["peer-port"])
     assert wait_until(lambda: echo_works(added["peer-port"]), what="the added tunnel")
     assert exchange(rerouted["peer-port"], b"") == b"".join(stream_bytes(100_000))
     if mode == "local":
