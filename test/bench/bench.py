@@ -238,7 +238,7 @@ def round_trip_once(port, data):
 def integrity(port):
     """SHA-256 of 16 MiB each way through the chain (an echo), full duplex."""
     payload = os.urandom(16 * 1024 * 1024)
-    sock = gevent.socket.create_connection(("127.0.0.1", port))
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=60)
     sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
     got = hashlib.sha256()
     while data := sock.recv(262144):
@@ -265,7 +265,7 @@ def iperf(port, seconds, reverse=False, streams=1):
 
 
 def rtt(port, count=10000):
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     message, times = b"x" * 64, []
     for _ in range(count):
@@ -410,15 +410,22 @@ def main():
         for number in range(1, args.rounds + 1):
             for name in names:
                 print(f"bench: round {number}/{args.rounds}: {name}", file=sys.stderr)
-                chain = upstreams.chain(name)
+                try:
+                    chain = upstreams.chain(name)
+                except (OSError, RuntimeError) as exc:
+                    print(f"bench: {name}: did not start: {exc}", file=sys.stderr, flush=True)
+                    continue
                 try:
                     row = measure(chain, tools, args.seconds, args.clients, args.idle)
                     row.update(measure_iperf(chain, tools, args.seconds))
                     rounds[name].append(row)
                     print(f"bench: {name}: {json.dumps(row)}", file=sys.stderr, flush=True)  # kept if a later one hangs
+                except (OSError, RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
+                    # One relay that hangs or breaks costs its own row in this round, not the run.
+                    print(f"bench: {name}: round {number} failed: {exc!r}", file=sys.stderr, flush=True)
                 finally:
                     chain.stop()
-    results = {name: median_row(rows) for name, rows in rounds.items()}
+    results = {name: median_row(rows) for name, rows in rounds.items() if rows}
     machine = f"{os.cpu_count()} cores, {os.uname().release}, Python {sys.version.split()[0]}"
     median = f", the median of {args.rounds} rounds" if args.rounds > 1 else ""
     guest = (" inside the QEMU guest of test/vsockvm.sh (emulated: only the ratios within this run count)"
