@@ -268,6 +268,7 @@ def ip_family(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+@functools.lru_cache(maxsize=64)  # asked at every dial
 def is_loopback(host):
     if host == "localhost":
         return True
@@ -580,11 +581,17 @@ def reuse_address(sock):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
+def prepare_tcp_listener(sock):
+    """Reusable at once, and tuned once for every connection it will accept (tune_tcp)."""
+    reuse_address(sock)
+    tune_tcp(sock)
+
+
 def listen_tcp(host, port):
     family = ip_family(host)
     if not _is_ip(host):
         family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    return listen_socket(family, (host, port), reuse_address)
+    return listen_socket(family, (host, port), prepare_tcp_listener)
 
 
 def listen_unix(path, mode=0o600):
@@ -633,12 +640,16 @@ def remove_socket_file(path):
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  # a dead peer is found in 2 minutes
 
 
-def tune_tcp(sock):
-    """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found.
-    Other kinds of socket are left as they are."""
+def tune_tcp(sock, keepalive=True):
+    """Small writes go out at once (Nagle would hold 64-byte replies back) and dead peers are found
+    (`keepalive`: a loopback peer never vanishes unseen, so it is spared the four system calls).
+    Other kinds of socket are left as they are. A listener tuned here passes all of it on to the
+    connections it accepts (Linux, Windows and the BSDs copy these options at accept)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not keepalive:
+        return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in KEEPALIVE.items():
         try:
@@ -657,7 +668,7 @@ def dial(family, address, timeout):
     except BaseException:
         sock.close()
         raise
-    tune_tcp(sock)
+    tune_tcp(sock, keepalive=not (isinstance(address, tuple) and is_loopback(address[0])))
     return sock
 
 
@@ -959,7 +970,7 @@ class TcpTransport(Transport):
     dial_address = listen_address
 
     def prepare_listener(self, sock, port):
-        reuse_address(sock)
+        prepare_tcp_listener(sock)
 
 
 class UnixTransport(Transport):
@@ -2235,8 +2246,8 @@ class Role:
         raise NotImplementedError
 
     def carry_client(self, tunnel, legs, stats, client, address):
-        """A client accepted where the tunnel's clients connect: dial a leg to `legs()` and pump."""
-        tune_tcp(client)
+        """A client accepted where the tunnel's clients connect (tuned by its listener, if TCP):
+        dial a leg to `legs()` and pump."""
         source = format_host_port(*address[:2]) if isinstance(address, tuple) and address else str(tunnel.clients_at)
         number = self.service.connection_ids.new()
 

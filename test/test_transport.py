@@ -77,3 +77,37 @@ def test_debug_lines_name_every_kind_of_socket_address():
     assert vtunnel._address((2, 1234)) == "2:1234"
     assert vtunnel._address(("::1", 80, 0, 0)) == "[::1]:80"
     assert vtunnel._address("/run/a.sock") == "/run/a.sock" and vtunnel._address("") == "unnamed"
+
+
+TUNING = {"TCP_NODELAY": (socket.IPPROTO_TCP, 1), "SO_KEEPALIVE": (socket.SOL_SOCKET, 1),
+          **{name: (socket.IPPROTO_TCP, value) for name, value in vtunnel.KEEPALIVE.items()}}
+
+
+def tuning(sock):
+    return {name: sock.getsockopt(level, getattr(socket, name)) for name, (level, _) in TUNING.items()}
+
+
+@pytest.mark.parametrize("listen", [lambda port: vtunnel.listen_tcp("127.0.0.1", port),
+                                    lambda port: TcpTransport("127.0.0.1").listen(port)],
+                         ids=["tunnel listener", "tcp: transport listener"])
+def test_every_accepted_tcp_connection_is_tuned_by_its_listener(listen):
+    """vtunnel sets no option on an accepted TCP connection (five system calls saved per
+    connection): it relies on the kernel copying the listener's at accept."""
+    listener = listen(0)
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert tuning(accepted) == {name: value for name, (_, value) in TUNING.items()}
+    finally:
+        listener.close()
+
+
+def test_a_dialled_connection_skips_keepalive_only_to_loopback():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with vtunnel.connect_tcp("127.0.0.1", server.getsockname()[1], timeout=5) as dialled:
+            assert tuning(dialled)["TCP_NODELAY"] == 1
+            assert tuning(dialled)["SO_KEEPALIVE"] == 0  # a loopback peer never vanishes unseen
+    with socket.socket() as elsewhere:  # tuned as a dial to another machine would be
+        vtunnel.tune_tcp(elsewhere, keepalive=not vtunnel.is_loopback("192.0.2.1"))
+        assert tuning(elsewhere) == {name: value for name, (_, value) in TUNING.items()}
