@@ -8,7 +8,8 @@ upstream): only inside the throwaway guest of test/vsockvm.sh (`tox -e bench-vso
 loopback; anywhere else they are refused, since a vsock connection would reach the hypervisor.
 
 A configuration named "vtunnel=PATH tcp" runs the vtunnel.py at PATH (another checkout) instead of
-this one, so a change is measured before and after side by side in one run.
+this one, so a change is measured before and after side by side in one run. vtunnel runs with
+--log-level warning; "vtunnel tcp info" (any vtunnel configuration, then a level) runs it at that level.
 
 Every configuration first proves it carries bytes intact (SHA-256 both ways), then is measured:
 bulk throughput each way and over 100 streams (iperf3), 64-byte round trips, new connections per
@@ -71,7 +72,7 @@ class Chain:
 
     def __init__(self, name, upstreams, tmp):
         """upstreams: the echo port first (it proves readiness), then any others."""
-        self.name, self.procs = name, []
+        self.name, self.procs, self.log = name, [], None
         if name == "direct":
             self.ports = list(upstreams)
             return
@@ -104,20 +105,24 @@ class Chain:
                 f"    peer-address: 127.0.0.1\n    peer-port: {port}\n"
                 f"    upstream-server-address: 127.0.0.1:{upstream}\n"
                 for i, (port, upstream) in enumerate(zip(self.ports, upstreams, strict=True))))
-            common = ["--config-path", str(config), "--log-level", "warning"]
+            # "vtunnel tcp info" runs at --log-level info, as users do by default: the price of its two
+            # log lines per connection and end. Without a third word, warning: no line per connection.
+            level = (name.split()[2:] or ["warning"])[0]
+            common = ["--config-path", str(config), "--log-level", level]
             # "vtunnel=PATH tcp" runs another tree's vtunnel.py: a before/after in one run.
             script = name.split()[0].partition("=")[2] or ROOT / "vtunnel.py"
             cmd = [sys.executable, str(script)]
             kind = name.split()[1]
+            # Below warning, the log goes to a file (as journald or a redirect would take it), not the console.
+            log = self.log = open(config.with_suffix(".log"), "w") if level != "warning" else None  # noqa: SIM115
             if kind == "local":
-                self.procs.append(subprocess.Popen(cmd + ["local"] + common))
+                roles = [["local"]]
             elif kind == "vsock":  # the peer on its default transport (AF_VSOCK), the host dialling CID 1
-                self.procs.append(subprocess.Popen(cmd + ["peer"] + common))
-                self.procs.append(subprocess.Popen(cmd + ["host", "--vsock", "vsock:1"] + common))
+                roles = [["peer"], ["host", "--vsock", "vsock:1"]]
             else:
                 transport = "tcp:127.0.0.1" if kind == "tcp" else f"unix:{tempfile.mkdtemp(dir='/tmp')}/v"
-                for role in ("peer", "host"):
-                    self.procs.append(subprocess.Popen(cmd + [role, "--vsock", transport] + common))
+                roles = [["peer", "--vsock", transport], ["host", "--vsock", transport]]
+            self.procs += [subprocess.Popen(cmd + role + common, stderr=log) for role in roles]
         self.wait_ready()
         time.sleep(1)  # the other tunnels' handshakes run beside the first one's
 
@@ -184,6 +189,8 @@ class Chain:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.log:
+            self.log.close()
 
 
 class Upstreams:
