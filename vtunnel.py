@@ -1618,9 +1618,10 @@ class Stats:
             exc = pump.failure[1]
             self.failed(f"{failed_end(pump, near_name, self.far_name)} {_reason(exc)}")
 
-    def failed(self, cause):
+    def failed(self, cause, detail=None):
+        """Count a failed connection under `cause`; the last error says `detail` too, if given."""
         self.failures[cause] += 1
-        self.last_error = cause
+        self.last_error = f"{cause}: {detail}" if detail else cause
 
     def line(self):
         failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
@@ -1721,11 +1722,7 @@ class TunnelRun:
     def stop_accepting(self):
         """Close the listeners and remove their socket files; the open connections run on."""
         self.tasks.kill(block=False)
-        for server in self.servers:
-            server.close()
-        for cleanup in self.cleanups:
-            cleanup()
-        self.cleanups.clear()
+        close_listeners(self.servers, self.cleanups)
         self.up = False
 
     @property
@@ -1734,9 +1731,26 @@ class TunnelRun:
 
     def finish(self, grace=None):
         """Wait for the open connections (at most `grace` seconds), then abort what is left."""
-        gevent.joinall([gevent.spawn(server.pool.join) for server in self.servers], timeout=grace)
-        for server in self.servers:  # each pump aborts its connection and logs it
-            server.pool.kill(TunnelRemoved, block=True, timeout=1)
+        finish_connections(self.servers, grace, TunnelRemoved)
+
+
+def close_listeners(servers, cleanups):
+    """Stop the accept loops and run the cleanups (remove socket files); open connections run on."""
+    for server in servers:
+        server.close()
+    for cleanup in cleanups:
+        cleanup()
+    cleanups.clear()
+
+
+def finish_connections(servers, grace, exception=gevent.GreenletExit, hurry=None):
+    """Wait for the servers' open connections, at most `grace` seconds (or until `hurry` is set),
+    then kill what is left with `exception`: each pump aborts its connection and logs it."""
+    finishing = gevent.spawn(lambda: [server.pool.join() for server in servers])
+    gevent.wait([finishing] + ([hurry] if hurry else []), timeout=grace, count=1)
+    finishing.kill()
+    for server in servers:
+        server.pool.kill(exception, block=True, timeout=1)
 
 
 class Service:
@@ -2026,11 +2040,7 @@ class Service:
         """Stop accepting; give open connections the grace period, then abort what is left."""
         self.stop_accepting()  # already, after a stop signal; not after a fatal error
         servers = [server for run in self._every_run() for server in run.servers] + self.servers
-        finishing = gevent.spawn(lambda: [server.pool.join() for server in servers])
-        gevent.wait([finishing, self.hurry], timeout=self.grace, count=1)
-        finishing.kill()
-        for server in servers:
-            server.pool.kill(block=True, timeout=1)  # each pump aborts its connection and logs it
+        finish_connections(servers, self.grace, hurry=self.hurry)
 
     def close(self):
         """Close every listener and remove the socket files this process made (a start that failed)."""
@@ -2039,11 +2049,7 @@ class Service:
     def stop_accepting(self):
         for run in self._every_run():
             run.stop_accepting()
-        for server in self.servers:
-            server.close()
-        for cleanup in self.cleanups:
-            cleanup()
-        self.cleanups.clear()
+        close_listeners(self.servers, self.cleanups)
 
 
 def monotonic_usec():
@@ -2200,8 +2206,7 @@ def _dial_for(tunnel, stats, conn_id, near, dial_far, near_name, where):
     try:
         far = dial_far(tunnel.connect_timeout)
     except (OSError, gevent.Timeout) as exc:
-        stats.failed(f"{stats.far_name} unreachable")
-        stats.last_error = f"{stats.far_name} unreachable: {_reason(exc)}"
+        stats.failed(f"{stats.far_name} unreachable", _reason(exc))
         log.warning("%s #%d %s: %s unreachable: %s; closing the %s", tunnel.name, conn_id, where,
                     stats.far_name, _reason(exc), near_name)
         abort(near)
@@ -2581,8 +2586,13 @@ def format_table(tunnels):
             "host", "peer", str(t.upstream))
         rows.append((t.name, t.direction, str(t.handshake_port), f"{vsock_end}:{t.leg_port}",
                      f"{listen_end} {t.clients_at}", upstream))
+    return "\n".join(format_rows(rows))
+
+
+def format_rows(rows):
+    """Rows of cells as lines of aligned columns, two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 COMMANDS = ("peer", "host", "local", "check", "status", "reload")
@@ -2719,9 +2729,7 @@ def format_status(status):
         rows.append((tunnel["tunnel"], tunnel["end"], "yes" if tunnel["up"] else "no", str(tunnel["open"]),
                      str(tunnel["total"]), format_bytes(sent), format_bytes(received),
                      str(sum(tunnel["failures"].values())), tunnel["state"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"{status['status']}; reloads: {reloads}", ""]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [f"{status['status']}; reloads: {reloads}", "", *format_rows(rows)]
     errors = [f"  {t['tunnel']} ({t['end']}): {t['last_error']}" for t in status["tunnels"] if t["last_error"]]
     return "\n".join(lines + (["", "last errors:"] + errors if errors else []))
 
