@@ -5,6 +5,9 @@
         softirq and idle, and the machine's busy CPU seconds per GiB
     python test/bench/probe.py rtt CONFIG,CONFIG,... [--rounds N]
         64-byte round trips, configurations in turn: p50, p99 and the relays' CPU per round trip
+    python test/bench/probe.py conn CONFIG,CONFIG,... [--rounds N] [--seconds N]
+        one client opening connections one after another (1-byte round trip, close): connections per
+        second and the relays' CPU per connection
     python test/bench/probe.py greenlet
         the memory one greenlet costs while it waits in sock.recv: the floor under every
         idle connection, which holds two per process
@@ -73,6 +76,21 @@ def probe_rtt(names, rounds, count=10000):
                       flush=True)
 
 
+def probe_conn(names, rounds, seconds):
+    with bench.Upstreams(iperf=False) as upstreams:
+        for _ in range(rounds):
+            for name in names:
+                chain = upstreams.chain(name)
+                try:
+                    cpu_before = tree_cpu(chain)
+                    rate, failed = bench.connection_rate(chain.port, seconds, 1)
+                    cpu = (tree_cpu(chain) - cpu_before) / (rate * seconds) * 1e6
+                finally:
+                    chain.stop()
+                print(f"{name:18} {rate:6.0f} conn/s ({failed} failed)  relay CPU {cpu:5.0f} µs per connection",
+                      flush=True)
+
+
 def tree_cpu(chain):
     """CPU seconds of the relays, their live children and the children they have reaped (socat forks one
     per connection, and bench.rtt's connection has ended by the second reading)."""
@@ -102,7 +120,7 @@ def probe_greenlet(count=2000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["cpu", "rtt", "greenlet"])
+    parser.add_argument("probe", choices=["cpu", "rtt", "conn", "greenlet"])
     parser.add_argument("configs", nargs="?", default="vtunnel tcp")
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--rounds", type=int, default=3)
@@ -112,6 +130,8 @@ def main():
         probe_cpu(args.configs, args.seconds, args.reverse)
     elif args.probe == "rtt":
         probe_rtt(args.configs.split(","), args.rounds)
+    elif args.probe == "conn":
+        probe_conn(args.configs.split(","), args.rounds, args.seconds)
     else:
         probe_greenlet()
 
