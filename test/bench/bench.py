@@ -162,24 +162,22 @@ class Chain:
             total += sum(int(f) for f in stat_fields(proc.pid)[11:15])
         return total / os.sysconf("SC_CLK_TCK")
 
-    def pss_kib(self):
+    def sum_over_processes(self, read):
+        """read(pid) summed over the relay processes and their children; one that has just ended adds nothing."""
         total = 0
         for pid in self.pids():
             try:
-                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total += read(pid)
             except OSError:
                 continue
-            total += int(text.split("Pss:")[1].split()[0])
         return total
 
+    def pss_kib(self):
+        return self.sum_over_processes(
+            lambda pid: int(Path(f"/proc/{pid}/smaps_rollup").read_text().split("Pss:")[1].split()[0]))
+
     def descriptors(self):
-        total = 0
-        for pid in self.pids():
-            try:
-                total += len(os.listdir(f"/proc/{pid}/fd"))
-            except OSError:
-                continue
-        return total
+        return self.sum_over_processes(lambda pid: len(os.listdir(f"/proc/{pid}/fd")))
 
     def stop(self):
         for proc in self.procs:

@@ -94,13 +94,8 @@ def probe_conn(names, rounds, seconds):
 def tree_cpu(chain):
     """CPU seconds of the relays, their live children and the children they have reaped (socat forks one
     per connection, and bench.rtt's connection has ended by the second reading)."""
-    total = 0
-    for pid in chain.pids():
-        try:
-            total += sum(int(f) for f in bench.stat_fields(pid)[11:15])
-        except OSError:
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+    ticks = chain.sum_over_processes(lambda pid: sum(int(f) for f in bench.stat_fields(pid)[11:15]))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def probe_greenlet(count=2000):

@@ -118,4 +118,3 @@ def test_host_restarted_while_the_peer_runs(tunnel):
     assert tunnel.peer.alive()
     tunnel.start_host()
     wait_until(lambda: echo_works(port(tunnel, "echo"), 50_000), timeout=90, what="the tunnel to serve again")
-
