@@ -328,3 +328,64 @@ def test_idle_timeout_after_traffic_resets_both_ends(pair):
         client.recv(10)
     client.close()
     server.close()
+
+
+def bulk_until_stopped(sock):
+    """Send bulk bytes until the socket fails (what a `docker pull` upload looks like to the pump)."""
+    chunk = os.urandom(1024 * 1024)
+    try:
+        while True:
+            sock.sendall(chunk)
+    except OSError as exc:
+        return exc
+
+
+def until_a_thread_carries(server):
+    """Read from server until a thread has taken the direction over (bounded)."""
+    for _ in range(2000):
+        server.recv(262144)
+        if vtunnel.OFF_LOOP.running:
+            return
+    raise AssertionError("no thread took the bulk direction over")
+
+
+def test_a_bulk_direction_moves_to_a_thread_and_every_byte_arrives(pumped):
+    """Bulk both ways at once: each direction is carried beside the loop, and the checksums hold."""
+    client, server, running = pumped
+    carried = vtunnel.OFF_LOOP.carried
+    test_large_transfer_both_ways_at_once_keeps_every_byte(pumped)
+    assert vtunnel.OFF_LOOP.carried >= carried + 2
+
+
+def test_a_reset_while_a_thread_carries_the_bulk_reaches_the_client(pumped):
+    client, server, running = pumped
+    sender = gevent.spawn(bulk_until_stopped, client)
+    until_a_thread_carries(server)
+    reset(server)
+    pump = running.get(timeout=10)
+    assert pump.failure[0] == "right"
+    assert isinstance(sender.get(timeout=10), (ConnectionResetError, BrokenPipeError))
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_pump_killed_while_a_thread_carries_resets_both_ends_and_keeps_no_descriptor(pumped):
+    """The grace period ends mid-transfer: both sides see a failure, and the thread's duplicates close."""
+    client, server, running = pumped
+    before = open_descriptors()
+    sender = gevent.spawn(bulk_until_stopped, client)
+    until_a_thread_carries(server)
+    running.kill(timeout=5)
+    assert isinstance(sender.get(timeout=10), (ConnectionResetError, BrokenPipeError))
+    if server.family != socket.AF_UNIX:  # no reset on a Unix socket: its end is a close outright
+        with pytest.raises(ConnectionResetError):
+            read_all(server)
+    for _ in range(200):
+        if not vtunnel.OFF_LOOP.running:
+            break
+        gevent.sleep(0.01)
+    assert vtunnel.OFF_LOOP.running == 0
+    assert open_descriptors() <= before - 2  # the pump's two sockets closed, and no duplicate left open

@@ -16,6 +16,13 @@ bulk throughput each way and over 100 streams (iperf3), 64-byte round trips, new
 second (sequential and 50 at once), memory per idle connection (PSS of the relay processes) and CPU
 seconds per GiB moved (the whole machine's, and the relays' own). Needs socat and iperf3: installs
 them with apt-get when it can, else skips what needs them and says so.
+
+A second table, "interactive under load" (--loaded, on by default; --loaded-only for just this one),
+asks what a user running ssh or a database beside a `docker pull` feels: 64-byte round trips with 2 ms
+between them through one tunnel (p50, p99, p99.9), idle and while iperf3 runs 1, 4 and 16 bulk streams
+through another tunnel of the same processes (with the bulk Gbit/s reached meanwhile), and PostgreSQL's
+`pgbench -S` (8 clients) through a third tunnel, idle and beside 4 bulk streams, against a PostgreSQL the
+benchmark starts on loopback (installed with apt-get when missing, else its rows are skipped).
 """
 
 import argparse
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import gevent
@@ -56,13 +64,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ensure_tools():
-    missing = [tool for tool in ("socat", "iperf3") if not shutil.which(tool)]
+def postgres_bin():
+    """The folder of PostgreSQL's server programs (Debian keeps them out of PATH), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+def ensure_tools(postgres=False):
+    wanted = {"socat": "socat", "iperf3": "iperf3"}
+    if postgres:
+        wanted["pgbench"] = "postgresql"
+    present = lambda tool: bool(shutil.which(tool) or (tool == "pgbench" and postgres_bin()))  # noqa: E731
+    missing = [package for tool, package in wanted.items() if not present(tool)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"bench: installing {' '.join(missing)}", file=sys.stderr)
         subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
                        f"--no-install-recommends {' '.join(missing)} >/dev/null", shell=True, check=False)
-    return {tool: bool(shutil.which(tool)) for tool in ("socat", "iperf3")}
+    return {tool: present(tool) for tool in wanted}
 
 
 # ------------------------------------------------------------------ processes
@@ -192,9 +210,10 @@ class Chain:
 
 
 class Upstreams:
-    """The echo server and (with iperf3) the iperf3 server that every configuration leads to."""
+    """The echo server, (with iperf3) the iperf3 server and (with PostgreSQL) a database that every
+    configuration leads to: each configuration has a tunnel to each, in this order."""
 
-    def __init__(self, iperf=True):
+    def __init__(self, iperf=True, postgres=False):
         self.tmp = tempfile.mkdtemp(prefix="vtbench")
         self.echo = subprocess.Popen([sys.executable, str(HERE / "upstream.py")], stdout=subprocess.PIPE,
                                      text=True)
@@ -202,6 +221,7 @@ class Upstreams:
         self.iperf_port = free_port()
         self.iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
                                       stdout=subprocess.DEVNULL) if iperf else None
+        self.postgres = Postgres() if postgres else None
 
     def __enter__(self):
         return self
@@ -210,9 +230,59 @@ class Upstreams:
         self.echo.kill()
         if self.iperf:
             self.iperf.kill()
+        if self.postgres:
+            self.postgres.stop()
 
     def chain(self, name):
-        return Chain(name, [self.echo_port, self.iperf_port], self.tmp)
+        ports = [self.echo_port, self.iperf_port] + ([self.postgres.port] if self.postgres else [])
+        return Chain(name, ports, self.tmp)
+
+
+class Postgres:
+    """A throwaway PostgreSQL on loopback (trust, no fsync) holding pgbench's tables at scale 10."""
+
+    def __init__(self):
+        bindir = postgres_bin()
+        self.dir, self.port = Path(tempfile.mkdtemp(prefix="vtbench-pg")), free_port()
+        as_user = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root; Debian's package made this user
+            shutil.chown(self.dir, "postgres")
+            as_user = ["runuser", "-u", "postgres", "--"]
+        data = self.dir / "data"
+        subprocess.run(as_user + [bindir / "initdb", "-D", data, "--auth=trust", "-U", "bench"],
+                       check=True, capture_output=True)
+        self.proc = subprocess.Popen(
+            as_user + [bindir / "postgres", "-D", data, "-p", str(self.port), "-k", self.dir,
+                       "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pgbench = shutil.which("pgbench") or str(bindir / "pgbench")
+        deadline = time.monotonic() + 60
+        while subprocess.run([self.pgbench, "-i", "-q", "-s", "10", *self.connect(self.port)],
+                             capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL did not start")
+            time.sleep(0.5)
+
+    @staticmethod
+    def connect(port):
+        return ["-h", "127.0.0.1", "-p", str(port), "-U", "bench", "postgres"]
+
+    def tps(self, port, seconds):
+        """pgbench -S (select only), 8 clients, through `port`: transactions per second."""
+        done = subprocess.run([self.pgbench, "-n", "-S", "-c", "8", "-j", "2", "-T", str(int(seconds)),
+                               *self.connect(port)], capture_output=True, text=True, timeout=seconds * 4 + 60)
+        for line in done.stdout.splitlines():
+            if line.startswith("tps = "):
+                return float(line.split()[2])
+        raise RuntimeError(f"pgbench: {done.stderr.strip() or done.stdout.strip()}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def stat_fields(pid):
@@ -337,6 +407,67 @@ def idle_memory(chain, count=1000):
     return (after - before) / count, (fds_after - fds_before) / count
 
 
+def paced_round_trips(port, seconds, gap=0.002):
+    """64-byte round trips with `gap` seconds between them, as a person typing or a chatty protocol
+    makes them, for `seconds`: (p50, p99, p99.9) in µs."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message, times = b"i" * 64, []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        sock.sendall(message)
+        got = 0
+        while got < 64:
+            data = sock.recv(64 - got)
+            if not data:
+                raise RuntimeError("the interactive connection closed")
+            got += len(data)
+        times.append(time.perf_counter() - start)
+        time.sleep(gap)
+    sock.close()
+    times.sort()
+    return tuple(times[min(int(len(times) * q), len(times) - 1)] * 1e6 for q in (0.5, 0.99, 0.999))
+
+
+def beside_bulk(port, streams, seconds, measure):
+    """measure() while iperf3 runs `streams` bulk streams through `port` (another tunnel of the same
+    relays): (its result, the bulk Gbit/s reached meanwhile)."""
+    bulk = subprocess.Popen(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(int(seconds) + 2), "-J",
+                             "-P", str(streams)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # past iperf3's start
+        result = measure()
+        out, _ = bulk.communicate(timeout=seconds * 4 + 60)
+    finally:
+        bulk.kill()
+    report = json.loads(out)
+    if "error" in report:
+        raise RuntimeError(report["error"])
+    return result, report["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure_loaded(chain, tools, seconds, postgres):
+    """The interactive-under-load table's row for one configuration."""
+    row = {}
+    echo, bulk = chain.ports[0], chain.ports[1]
+
+    def record(label, figures):
+        for name, value in zip(("p50", "p99", "p99.9"), figures, strict=True):
+            row[f"rtt {name} µs {label}"] = value
+    record("idle", paced_round_trips(echo, seconds))
+    for streams in (1, 4, 16):
+        figures, gbits = beside_bulk(bulk, streams, seconds, partial(paced_round_trips, echo, seconds))
+        record(f"{streams} bulk", figures)
+        row[f"bulk Gbit/s meanwhile ({streams})"] = gbits
+    if postgres:
+        database = chain.ports[2]
+        row["pgbench TPS idle"] = postgres.tps(database, seconds)
+        row["pgbench TPS 4 bulk"], row["bulk Gbit/s meanwhile (pgbench)"] = beside_bulk(
+            bulk, 4, seconds, partial(postgres.tps, database, seconds))
+    return row
+
+
 # ------------------------------------------------------------------ the run
 
 def measure(chain, tools, seconds, clients, idle):
@@ -390,8 +521,7 @@ def table(results, base):
     metrics = []
     for row in results.values():
         metrics += [m for m in row if m not in metrics]
-    better_low = {"rtt p50 µs", "rtt p99 µs", "KiB per idle conn", "descriptors per idle conn",
-                  "machine CPU s per GiB", "relay CPU s per GiB"}
+    better_low = {"KiB per idle conn", "descriptors per idle conn", "machine CPU s per GiB", "relay CPU s per GiB"}
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in metrics:
@@ -411,52 +541,76 @@ def table(results, base):
                 if ref != name and isinstance(reference, float) and reference:
                     ratios.append(f"{value / reference:.2f}× {'socat' if ref == base else 'direct'}")
             cells.append(text + (f" ({', '.join(ratios)})" if ratios else ""))
-        lines.append(f"| {metric}{' (lower is better)' if metric in better_low else ''} | " + " | ".join(cells) + " |")
+        lower = " (lower is better)" if metric in better_low or "µs" in metric else ""
+        lines.append(f"| {metric}{lower} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_round(upstreams, name, measure):
+    """One configuration's row of one table in one round, or None if it failed (said on stderr)."""
+    try:
+        chain = upstreams.chain(name)
+    except (OSError, RuntimeError) as exc:
+        print(f"bench: {name}: did not start: {exc}", file=sys.stderr, flush=True)
+        return None
+    try:
+        row = measure(chain)
+        print(f"bench: {name}: {json.dumps(row)}", file=sys.stderr, flush=True)  # kept if a later one hangs
+        return row
+    except (OSError, RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
+        # One relay that hangs or breaks costs its own row in this round, not the run.
+        print(f"bench: {name}: round failed: {exc!r}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        chain.stop()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the table as Markdown to this file")
+    parser.add_argument("--out", help="also write the tables as Markdown to this file")
     parser.add_argument("--seconds", type=float, default=4, help="length of each timed run")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report each figure's median")
     parser.add_argument("--base", default=BASE, help="the configuration the ratios compare with")
     parser.add_argument("--clients", type=int, default=50, help="clients at once for the second conn/s figure")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections held to price one")
+    parser.add_argument("--tables", default="main,loaded",
+                        help="main (throughput, round trips, connections, memory), loaded (interactive "
+                             "round trips and pgbench beside bulk streams), or both")
     args = parser.parse_args()
-    tools = ensure_tools()
+    tables = args.tables.split(",")
+    tools = ensure_tools(postgres="loaded" in tables)
     for tool, present in tools.items():
         if not present:
             print(f"bench: {tool} is missing: its rows are skipped", file=sys.stderr)
+    if "loaded" in tables and not tools["iperf3"]:
+        tables.remove("loaded")
     names = [name for name in args.configs.split(",") if tools["socat"] or not name.startswith("socat")]
-    rounds = {name: [] for name in names}
-    with Upstreams(iperf=tools["iperf3"]) as upstreams:
+    measures = {
+        "main": lambda chain: {**measure(chain, tools, args.seconds, args.clients, args.idle),
+                               **measure_iperf(chain, tools, args.seconds)},
+        "loaded": lambda chain: measure_loaded(chain, tools, args.seconds, upstreams.postgres),
+    }
+    rounds = {(table_name, name): [] for table_name in tables for name in names}
+    with Upstreams(iperf=tools["iperf3"], postgres="loaded" in tables and tools.get("pgbench")) as upstreams:
         # Rounds go through every configuration in turn, so that a noisy minute hurts them all alike.
         for number in range(1, args.rounds + 1):
-            for name in names:
-                print(f"bench: round {number}/{args.rounds}: {name}", file=sys.stderr)
-                try:
-                    chain = upstreams.chain(name)
-                except (OSError, RuntimeError) as exc:
-                    print(f"bench: {name}: did not start: {exc}", file=sys.stderr, flush=True)
-                    continue
-                try:
-                    row = measure(chain, tools, args.seconds, args.clients, args.idle)
-                    row.update(measure_iperf(chain, tools, args.seconds))
-                    rounds[name].append(row)
-                    print(f"bench: {name}: {json.dumps(row)}", file=sys.stderr, flush=True)  # kept if a later one hangs
-                except (OSError, RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
-                    # One relay that hangs or breaks costs its own row in this round, not the run.
-                    print(f"bench: {name}: round {number} failed: {exc!r}", file=sys.stderr, flush=True)
-                finally:
-                    chain.stop()
-    results = {name: median_row(rows) for name, rows in rounds.items() if rows}
+            for table_name in tables:
+                for name in names:
+                    print(f"bench: round {number}/{args.rounds}: {table_name}: {name}", file=sys.stderr)
+                    row = run_round(upstreams, name, measures[table_name])
+                    if row:
+                        rounds[table_name, name].append(row)
     machine = f"{os.cpu_count()} cores, {os.uname().release}, Python {sys.version.split()[0]}"
     median = f", the median of {args.rounds} rounds" if args.rounds > 1 else ""
     guest = (" inside the QEMU guest of test/vsockvm.sh (emulated: only the ratios within this run count)"
              if in_vsock_guest() else "")
-    report = f"vtunnel benchmark on {machine}{guest}{median}\n\n{table(results, args.base)}\n"
+    report = f"vtunnel benchmark on {machine}{guest}{median}\n"
+    titles = {"main": "", "loaded": "Interactive under load: 64-byte round trips 2 ms apart through one tunnel, "
+                                     "idle and beside N iperf3 streams through another; pgbench -S, 8 clients\n\n"}
+    for table_name in tables:
+        results = {name: median_row(rows) for (t, name), rows in rounds.items() if t == table_name and rows}
+        report += f"\n{titles[table_name]}{table(results, args.base)}\n"
     print(report)
     if args.out:
         Path(args.out).write_text(report)
