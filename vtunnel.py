@@ -90,6 +90,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
+import gevent.pywsgi
 import gevent.server
 import gevent.socket
 import gevent.threadpool
@@ -99,7 +100,8 @@ import yaml
 import vtunnel_npipe
 
 if sys.platform.startswith("linux"):
-    import fcntl  # splice's pipe sizes
+    import fcntl  # splice's pipe sizes, and unsent_bytes
+    import termios  # unsent_bytes
 
 __version__ = "0.1.0"
 
@@ -125,12 +127,17 @@ OFF_LOOP_QUIET = 0.25  # seconds a direction in a thread may be quiet before it 
 OFF_LOOP_NICE = 19  # the priority of those threads: the kernel runs the loop (interactive traffic) first
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0
+PROBE_TIMEOUT = 2.0  # seconds to ask whether a live process listens on a socket file in our way
 HANDSHAKE_TIMEOUT = 5.0
 HANDSHAKE_BACKOFF = (0.25, 3.0)  # first and longest wait between handshake attempts
 PEER_CHECK_INTERVAL = 10.0  # seconds between the handshakes that notice a VM has gone
 ACCEPT_PAUSE = 0.5  # seconds an accept loop rests when the process is out of file descriptors
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 BROKEN_LISTENER_ERRORS = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)  # gevent's fatal_errors too
+METRICS_SLOTS = 64  # connections the --metrics endpoint serves at once
+METRICS_TIMEOUT = 10.0  # seconds a metrics connection may be silent before it is dropped
+RELOAD_WAIT = 5.0  # seconds a reload waits for its new tunnels to listen before it answers "pending"
+ASK_TIMEOUT = 30.0  # seconds `vtunnel status` and `vtunnel reload` wait for an answer
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -232,6 +239,33 @@ def _text(value):
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise ValueError(f"expected a non-empty string, got {_show(value)}")
     return str(value)
+
+
+# Rights on a pipe that only its owner may hold: FILE_CREATE_PIPE_INSTANCE (0x4: whoever holds it can
+# serve the name too and read other clients' requests), WRITE_DAC, WRITE_OWNER, and the generic rights
+# that include them. As SDDL letters: GA, GW, FA, FW, KA, KW and LC include 0x4; WD and WO are the others.
+OWNER_ONLY_RIGHTS = 0x4 | 0x40000 | 0x80000 | 0x10000000 | 0x40000000 | 0x02000000
+OWNER_ONLY_LETTERS = {"GA", "GW", "FA", "FW", "KA", "KW", "LC", "WD", "WO"}
+# Who may hold them: LocalSystem, the Administrators, the pipe's owner, or one account (S-1-5-21-...,
+# presumably the user running vtunnel; the default DACL names exactly that one).
+OWNER_LIKE_SIDS = {"SY", "BA", "OW", "S-1-5-18", "S-1-5-32-544"}
+
+
+def _pipe_sddl(value):
+    """host-pipe-sddl: refused where an allow entry gives anyone but the owner the rights above."""
+    text = _text(value)
+    for kind, rights, sid in re.findall(r"\(([^;()]*);[^;()]*;([^;()]*);[^;()]*;[^;()]*;([^;()]*)\)", text):
+        if kind.upper() != "A" or sid.upper() in OWNER_LIKE_SIDS or sid.upper().startswith("S-1-5-21-"):
+            continue
+        if rights[:2].lower() == "0x" or rights.isdigit():
+            dangerous = int(rights, 0) & OWNER_ONLY_RIGHTS
+        else:
+            dangerous = OWNER_ONLY_LETTERS & {rights[i:i + 2].upper() for i in range(0, len(rights), 2)}
+        if dangerous:
+            raise ValueError(f"the entry for {sid} grants {rights}, which lets it create instances of the pipe "
+                             "(and so read other clients' requests) or change its DACL: give clients "
+                             "0x12019b (read and write), e.g. \"D:P(A;;GA;;;SY)(A;;GA;;;OW)(A;;0x12019b;;;AU)\"")
+    return text
 
 
 def _host(value):
@@ -344,7 +378,7 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "vsock-peer-port": ("vsock_peer_port", _vsock_port, None),
     "host-listen-address": ("host_listen_address", parse_upstream, None),
     "host-socket-mode": ("host_socket_mode", _file_mode, None),
-    "host-pipe-sddl": ("host_pipe_sddl", _text, None),
+    "host-pipe-sddl": ("host_pipe_sddl", _pipe_sddl, None),
 }
 FORWARD_KEYS = ("vsock-host-port", "peer-address", "peer-port", "peer-socket", "peer-socket-mode")
 REVERSE_KEYS = ("vsock-peer-port", "host-listen-address", "host-socket-mode", "host-pipe-sddl")
@@ -597,8 +631,8 @@ def prepare_tcp_listener(sock):
 
 def listen_tcp(host, port):
     family = ip_family(host)
-    if not _is_ip(host):
-        family, _, _, _, (host, port, *_) = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    if not _is_ip(host):  # through the resolver's threads: a slow DNS must not stop the loop
+        family, _, _, _, (host, port, *_) = RESOLVER.resolve(host, port, CONNECT_TIMEOUT)[0]
     return listen_socket(family, (host, port), prepare_tcp_listener)
 
 
@@ -625,16 +659,15 @@ def claim_socket_path(path):
             raise OSError(errno.EEXIST, "a file that is not a socket is in the way", path)
     except FileNotFoundError:
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
+    try:  # through the loop, and bounded: a live listener that does not accept must not freeze us
+        dial(socket.AF_UNIX, path, PROBE_TIMEOUT).close()
     except FileNotFoundError:
         return
     except ConnectionRefusedError:
         remove_socket_file(path)
         return
-    finally:
-        probe.close()
+    except socket.timeout:
+        raise OSError(errno.EADDRINUSE, "another process listens on this socket (and does not accept)", path) from None
     raise OSError(errno.EADDRINUSE, "another process is listening on this socket", path)
 
 
@@ -670,14 +703,38 @@ def dial(family, address, timeout):
     """A connected gevent socket; blocking afterwards (timeouts belong to the connect only)."""
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        sock.connect(address)
+        if family == getattr(socket, "AF_UNIX", None):  # (Windows' Python may have none)
+            _connect_unix(sock, address, timeout)
+        else:
+            sock.settimeout(timeout)
+            sock.connect(address)
         sock.settimeout(None)
     except BaseException:
         sock.close()
         raise
     tune_tcp(sock, keepalive=not (isinstance(address, tuple) and is_loopback(address[0])))
     return sock
+
+
+def _connect_unix(sock, path, timeout):
+    """Connect a Unix socket, waiting with pauses while the listener's queue is full.
+
+    Then a non-blocking AF_UNIX connect fails with EAGAIN, and the socket is writable all the while,
+    so gevent's connect (which waits for writability) tries again at once, for ever: a docker.sock
+    that had stopped accepting took a whole core for the connect-timeout (3.0 s of CPU in 3 s).
+    """
+    deadline, pause = time.monotonic() + timeout, 0.005
+    sock.settimeout(0.0)
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(errno.ETIMEDOUT, "timed out: the socket's listen queue stayed full") from None
+        gevent.sleep(min(pause, left))
+        pause = min(pause * 2, 0.1)
 
 
 def connect_tcp(host, port, timeout=CONNECT_TIMEOUT):
@@ -754,12 +811,12 @@ def _reason(exc):
     return str(exc) or type(exc).__name__
 
 
-def send_all(sock, data):
-    """sock.sendall(data), cheaper: gevent's sendall asks the kernel for the socket's buffer
-    size on every call, and one send() nearly always takes the whole chunk."""
-    done = sock.send(data)
-    if done < len(data):
-        sock.sendall(memoryview(data)[done:])
+def unsent_bytes(sock):
+    """Bytes the kernel still holds for a socket's other end (Linux: SIOCOUTQ), or None where unknown."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, NameError, AttributeError, ValueError):
+        return None
 
 
 def abort(sock):
@@ -1208,7 +1265,7 @@ def closed_outright(sock):
 
 def is_polled(stream):
     """Whether a stream is a socket gevent polls: the pump may then wait for it (wait_ready), send
-    with one send() (send_all) and splice it. Hyper-V's ThreadedSocket and a named pipe are not."""
+    with send() (Pump._send) and splice it. Hyper-V's ThreadedSocket and a named pipe are not."""
     return isinstance(stream, gevent.socket.socket)
 
 
@@ -1294,10 +1351,10 @@ class Pump:
                     break
                 culprit = dst
                 if sends:
-                    send_all(dst, data)
+                    self._send(dst, data, direction)
                 else:
                     dst.sendall(data)
-                sent[direction] += len(data)
+                    sent[direction] += len(data)
                 self.last_activity = now = time.monotonic()
                 streak = streak + len(data) if now - last <= OFF_LOOP_GAP else len(data)
                 last = now
@@ -1321,6 +1378,38 @@ class Pump:
             self._end(src, dst)
         elif outcome != "failed":
             self._fail(*outcome)
+
+    def _send(self, dst, data, direction):
+        """All of data to dst with send() (gevent's sendall asks the kernel for the socket's buffer size
+        on every call, and one send() nearly always takes the whole chunk).
+
+        With an idle-timeout, idle means no byte moved either way: a client that reads 4 KiB every
+        50 ms is not idle, though the socket may not turn writable for seconds (the kernel waits for a
+        third of its buffer to be free). So while the send waits, the bytes still queued in the
+        kernel (unsent_bytes) going down count as activity too.
+        """
+        done, view, queued = 0, data, None
+        while done < len(data):
+            if self.idle_timeout:
+                queued = unsent_bytes(dst)
+            try:
+                part = dst.send(view)
+            except socket.timeout:
+                self._moved_while_waiting(dst, queued)
+                continue
+            done += part
+            self.sent[direction] += part
+            if done < len(data):
+                self.last_activity = time.monotonic()
+                view = memoryview(data)[done:]
+
+    def _moved_while_waiting(self, dst, queued_before):
+        """After a wait for dst: count the kernel sending bytes as activity, else raise if idle."""
+        queued = unsent_bytes(dst)
+        if queued is not None and queued_before is not None and queued < queued_before:
+            self.last_activity = time.monotonic()
+        elif time.monotonic() - self.last_activity >= self.idle_timeout:
+            raise socket.timeout(errno.ETIMEDOUT, "timed out")
 
     def _receive(self, src, size, wait_first):
         """Up to `size` bytes from src (a gevent socket if `wait_first`: wait until it is readable)."""
@@ -1543,13 +1632,23 @@ def carry_in_thread(pump, src, dst, direction):
             while done < size and pump.failure is None:
                 with OFF_LOOP.turn:
                     try:
-                        done += dst.send(view[done:size])
+                        part = dst.send(view[done:size])
                     except BlockingIOError:
-                        pass
-                if done < size:
+                        part = 0
+                done += part
+                pump.sent[direction] += part
+                if part:
+                    pump.last_activity = time.monotonic()
+                if done < size and pump.idle_timeout:
+                    queued = unsent_bytes(dst)
+                    if not writable.poll(poll_ms):
+                        try:
+                            pump._moved_while_waiting(dst, queued)
+                        except socket.timeout:
+                            return (dst, IdleTimeout(errno.ETIMEDOUT, f"idle for {pump.idle_timeout:g}s"))
+                elif done < size:
                     writable.poll(poll_ms)
-            pump.sent[direction] += done
-            heard = pump.last_activity = time.monotonic()
+            heard = time.monotonic()
         return "failed"
     except OSError as exc:
         return (culprit, exc)
@@ -2047,20 +2146,33 @@ class Service:
                 self._retire(run, self.grace)
             elif not self._keeps(run, new[name]):
                 self._retire(run)  # its open connections run on
-        old, self.runs, failed = self.runs, {}, []
+        old, self.runs, started = self.runs, {}, []
         for tunnel in tunnels:
             for role in self.roles:
                 run = old.get((tunnel.name, role.end))
                 if self._keeps(run, tunnel):
                     self.runs[(tunnel.name, role.end)] = run
                     continue
+                # The counters go on, unless the tunnel changed direction: their names would be wrong.
+                stats = run.stats if run and run.tunnel.reverse == tunnel.reverse else None
                 try:
-                    self._start_run(role, tunnel, run.stats if run else None, by_reload=True)
+                    started.append(self._start_run(role, tunnel, stats, by_reload=True))
                 except StartupError as exc:
                     self._run_failed(self.runs[(tunnel.name, role.end)], str(exc))
-                    failed.append(tunnel.name)
+                    started.append(self.runs[(tunnel.name, role.end)])
+        self._await_start(started)
         self.status_changed()
-        return self._summarize(plan, removed, failed)
+        failed = list(dict.fromkeys(run.tunnel.name for run in started if run.failed))
+        pending = list(dict.fromkeys(run.tunnel.name for run in started if not run.failed and not run.up))
+        return self._summarize(plan, removed, failed, pending)
+
+    @staticmethod
+    def _await_start(runs):
+        """Wait (at most RELOAD_WAIT) until each run listens or has failed: a host listens only after
+        its handshake, in the background, and /reload must not answer ok before it knows."""
+        deadline = time.monotonic() + RELOAD_WAIT
+        while any(not run.up and not run.failed for run in runs) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
 
     def _keeps(self, run, tunnel):
         """Whether `run` serves `tunnel` as it is now: every key its end uses is unchanged."""
@@ -2077,16 +2189,19 @@ class Service:
         return "kept" if all(self._keeps(run, tunnel) for run in runs) else "changed"
 
     @staticmethod
-    def _summarize(plan, removed, failed):
-        """One log line for the whole reload, and /reload's answer."""
+    def _summarize(plan, removed, failed, pending):
+        """One log line for the whole reload, and /reload's answer: "failed" when a tunnel could not
+        start, "pending" when one still waits for the other end (after RELOAD_WAIT), else "ok"."""
         named = {kind: [name for name, what in plan.items() if what == kind] for kind in ("added", "changed")}
         named["removed"] = removed
         kept = sum(1 for what in plan.values() if what == "kept")
         counts = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names)})" if names else "")
                            for kind, names in named.items())
-        log.info("reload: %s, %d kept%s", counts, kept,
-                 f"; {len(failed)} could not start ({', '.join(failed)})" if failed else "")
-        return {"result": "failed" if failed else "ok", **named, "kept": kept, "failed": failed}
+        log.info("reload: %s, %d kept%s%s", counts, kept,
+                 f"; {len(failed)} could not start ({', '.join(failed)})" if failed else "",
+                 f"; {len(pending)} waiting for the other end ({', '.join(pending)})" if pending else "")
+        result = "failed" if failed else "pending" if pending else "ok"
+        return {"result": result, **named, "kept": kept, "failed": failed, "pending": pending}
 
     def _retire(self, run, grace=None):
         run.stop_accepting()
@@ -2111,14 +2226,11 @@ class Service:
     def serve_metrics(self, address):
         """/metrics (the Prometheus text format, by prometheus_client), /status (JSON) and POST
         /reload on gevent's pywsgi, from the same counters the log shows, live."""
-        from gevent.pywsgi import WSGIServer
         try:
             import prometheus_client  # noqa: F401 (MetricsApp's)
         except ImportError:
             raise StartupError("--metrics needs the prometheus_client package: pip install prometheus_client") from None
-        endpoint = parse_upstream(address)  # IP:PORT or unix:///PATH, as an upstream is written
-        if isinstance(endpoint, PipeEndpoint):
-            raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH")
+        endpoint = address if isinstance(address, Endpoint) else metrics_endpoint(address)
         if not endpoint.is_loopback:
             log.warning("metrics on %s, not a loopback address: anyone who can reach it reads them", endpoint)
         try:
@@ -2126,7 +2238,8 @@ class Service:
         except OSError as exc:
             raise StartupError(f"--metrics: cannot listen on {endpoint}: {_reason(exc)}") from None
         self.cleanups.append(endpoint.close_listener)
-        server = WSGIServer(listener, MetricsApp(self), spawn=gevent.pool.Pool(16), log=None, error_log=log)
+        server = MetricsServer(listener, MetricsApp(self), spawn=gevent.pool.Pool(METRICS_SLOTS), log=None,
+                               error_log=log)
         server.start()
         self.servers.append(server)
         log.info("metrics: serving /metrics and /status on %s", endpoint)
@@ -2196,8 +2309,11 @@ class Service:
     def _drain(self):
         """Stop accepting; give open connections the grace period, then abort what is left."""
         self.stop_accepting()  # already, after a stop signal; not after a fatal error
-        servers = [server for run in self._every_run() for server in run.servers] + self.servers
+        servers = [server for run in self._every_run() for server in run.servers]
         finish_connections(servers, self.grace, hurry=self.hurry)
+        # The metrics endpoint's connections get no grace: a scraper's keep-alive connection is never
+        # done, and would hold every stop for the whole grace period.
+        finish_connections(self.servers, 0)
 
     def close(self):
         """Close every listener and remove the socket files this process made (a start that failed)."""
@@ -2215,6 +2331,28 @@ def monotonic_usec():
     return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
 
 
+class MetricsServer(gevent.pywsgi.WSGIServer):
+    """pywsgi with a deadline on every connection: a client that connects and sends nothing (or
+    too slowly) is dropped after METRICS_TIMEOUT, so no one holds the endpoint's slots by waiting."""
+
+    def handle(self, sock, address):
+        sock.settimeout(METRICS_TIMEOUT)
+        super().handle(sock, address)
+
+
+def trusted_host(header):
+    """Whether a request's Host header may reach the metrics endpoint: none, localhost, or an IP literal.
+
+    A web page that rebinds its own DNS name to 127.0.0.1 becomes same-origin with this endpoint, but
+    its requests still carry its name in Host: refused here, so it can neither read /status nor reload.
+    """
+    if not header:
+        return True
+    bracketed = re.fullmatch(r"\[([^\]]+)\](:\d+)?", header)  # [IPv6] or [IPv6]:port
+    host = bracketed.group(1) if bracketed else header.partition(":")[0]
+    return host.lower() == "localhost" or _is_ip(host)
+
+
 class MetricsApp:
     """The WSGI application behind --metrics: GET /metrics and /status, POST /reload."""
 
@@ -2228,6 +2366,8 @@ class MetricsApp:
 
     def __call__(self, environ, start_response):
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        if not trusted_host(environ.get("HTTP_HOST")):
+            return answer(start_response, "403 Forbidden", b"Host must be localhost or an IP address\n")
         if path == "/reload":
             return self.reload(environ, start_response)
         if path == "/metrics":
@@ -2247,7 +2387,7 @@ class MetricsApp:
             return answer(start_response, "405 Method Not Allowed", b"POST with the header X-Vtunnel: reload\n")
         log.info("POST /reload: reloading %s", self.service.config_path)
         outcome = self.service.reload()
-        status = "200 OK" if outcome["result"] == "ok" else "409 Conflict"
+        status = "200 OK" if outcome["result"] in ("ok", "pending") else "409 Conflict"
         return answer(start_response, status, *json_body(outcome))
 
     def collect(self):
@@ -2767,7 +2907,20 @@ def parse_args(argv):
         raise UsageError(f"--log-level {level}: expected one of {', '.join(LOG_LEVELS)}")
     for option in ("--grace", "--stats-interval"):
         args[option] = _seconds_option(option, args[option])
+    if args["--metrics"] is not None:
+        args["--metrics"] = metrics_endpoint(args["--metrics"])
     return args
+
+
+def metrics_endpoint(address):
+    """--metrics ADDRESS -> its TcpEndpoint or UnixEndpoint, or UsageError saying what was expected."""
+    try:
+        endpoint = parse_upstream(address)
+    except ValueError as exc:
+        raise UsageError(f"--metrics {address}: {exc}") from None
+    if isinstance(endpoint, PipeEndpoint):
+        raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH, not a named pipe")
+    return endpoint
 
 
 def _seconds_option(option, text):
@@ -2855,18 +3008,17 @@ def run(args):
 def ask_service(address, path, method="GET"):
     """Ask the vtunnel serving --metrics ADDRESS: (HTTP status, the JSON it answered)."""
     import http.client
-    endpoint = parse_upstream(address)
-    if isinstance(endpoint, PipeEndpoint):
-        raise UsageError(f"--metrics {address}: expected IP:PORT or unix:///PATH")
-    connection = http.client.HTTPConnection("localhost", timeout=60)  # a reload may wait on a listener
+    endpoint = address if isinstance(address, Endpoint) else metrics_endpoint(address)
+    connection = http.client.HTTPConnection("localhost")
     try:
         connection.sock = endpoint.connect(CONNECT_TIMEOUT)
+        connection.sock.settimeout(ASK_TIMEOUT)  # a reload may wait for its tunnels to listen: bounded
         connection.request(method, path, headers={"X-Vtunnel": "reload"} if method == "POST" else {})
         response = connection.getresponse()
         return response.status, json.loads(response.read())
     except (OSError, gevent.Timeout, http.client.HTTPException, ValueError) as exc:
         raise StartupError(f"cannot ask a vtunnel at {endpoint}: {_reason(exc)} (is one running there "
-                           f"with --metrics {address}?)") from None
+                           f"with --metrics {endpoint}?)") from None
     finally:
         connection.close()
 
@@ -2905,13 +3057,16 @@ def ask_reload(address):
         print("\n".join(f"vtunnel: {problem}" for problem in outcome["problems"]), file=sys.stderr)
         print("vtunnel: the config has problems: nothing changed", file=sys.stderr)
         return EXIT_USAGE
-    if code != 200 or outcome.get("result") != "ok":
+    if code != 200 or outcome.get("result") not in ("ok", "pending"):
         print(f"vtunnel: reload: {outcome.get('result')}: {', '.join(outcome.get('failed', []))} could not start "
               "(the running vtunnel's log says why)", file=sys.stderr)
         return EXIT_FAILURE
     print("reloaded: " + ", ".join(f"{len(outcome[kind])} {kind}" + (f" ({', '.join(outcome[kind])})"
                                    if outcome[kind] else "") for kind in ("added", "changed", "removed"))
           + f", {outcome['kept']} kept")
+    if outcome.get("pending"):
+        print(f"waiting for the other end: {', '.join(outcome['pending'])} (they listen once it answers; "
+              "vtunnel status shows when)")
     return EXIT_OK
 
 

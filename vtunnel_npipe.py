@@ -37,6 +37,14 @@ ERROR_IO_PENDING = 997
 ERROR_NO_DATA = 232  # a client connected and left before its instance was accepted
 ERROR_PIPE_CONNECTED = 535  # a client connected before ConnectNamedPipe was called
 FILE_FLAG_FIRST_PIPE_INSTANCE = 0x00080000
+# A pipe client tells the server how far it may impersonate it. Without these flags the server may act
+# as vtunnel's own token (SecurityImpersonation): a user who creates the upstream's pipe name while its
+# real server is down, holding SeImpersonatePrivilege, would become vtunnel (elevated, under the README's
+# Task Scheduler recipe). With them, the server may only ask who vtunnel is.
+SECURITY_SQOS_PRESENT = 0x00100000
+SECURITY_IDENTIFICATION = 1 << 16
+FILE_FLAG_OVERLAPPED = 0x40000000
+CLIENT_FLAGS = FILE_FLAG_OVERLAPPED | SECURITY_SQOS_PRESENT | SECURITY_IDENTIFICATION
 PIPE_TYPE_BYTE = PIPE_READMODE_BYTE = 0  # not in _winapi, which has the message-mode ones
 PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
 PIPE_UNLIMITED_INSTANCES = 255
@@ -98,7 +106,7 @@ def connect(path, timeout):
     while True:
         try:
             handle = _winapi.CreateFile(path, _winapi.GENERIC_READ | _winapi.GENERIC_WRITE, 0, _winapi.NULL,
-                                        _winapi.OPEN_EXISTING, _winapi.FILE_FLAG_OVERLAPPED, _winapi.NULL)
+                                        _winapi.OPEN_EXISTING, CLIENT_FLAGS, _winapi.NULL)
             return PipeStream(handle, path)
         except OSError as exc:
             if exc.winerror == ERROR_FILE_NOT_FOUND:

@@ -307,7 +307,17 @@ def test_reverse_tunnel_errors(text, expected):
 
 
 def test_host_pipe_sddl_goes_with_a_pipe_listener():
-    assert parse_config(reverse("npipe:////./pipe/docker_engine", extra='    host-pipe-sddl: "D:P(A;;GA;;;AU)"\n'))[
-        0].host_listen == PipeEndpoint(r"\\.\pipe\docker_engine", "D:P(A;;GA;;;AU)")
-    assert one_error(reverse(extra='    host-pipe-sddl: "D:P(A;;GA;;;AU)"\n')) == \
+    sddl = "D:P(A;;GA;;;SY)(A;;GA;;;OW)(A;;0x12019b;;;AU)"
+    assert parse_config(reverse("npipe:////./pipe/docker_engine", extra=f'    host-pipe-sddl: "{sddl}"\n'))[
+        0].host_listen == PipeEndpoint(r"\\.\pipe\docker_engine", sddl)
+    assert one_error(reverse(extra=f'    host-pipe-sddl: "{sddl}"\n')) == \
         "c.yaml:7: tunnel 'vm-web': host-pipe-sddl goes with an npipe:// host-listen-address"
+
+
+@pytest.mark.parametrize("sddl", ["D:P(A;;GA;;;AU)", "D:P(A;;GRGW;;;WD)", "D:P(A;;0x12019f;;;AU)",
+                                  "D:P(A;;GA;;;SY)(A;;WD;;;BU)"])
+def test_an_sddl_that_lets_others_serve_the_pipe_or_rewrite_its_dacl_is_refused(sddl):
+    """Create-instance (0x4, in GA, GW, FW...) lets its holder serve the name and read other clients'
+    requests; WRITE_DAC lets it rewrite who may: for the owner, SYSTEM and the administrators only."""
+    problem = one_error(reverse("npipe:////./pipe/docker_engine", extra=f'    host-pipe-sddl: "{sddl}"\n'))
+    assert "lets it create instances of the pipe" in problem and "0x12019b" in problem

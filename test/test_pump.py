@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import stat
+import time
 
 import gevent
 import gevent.socket
@@ -389,3 +390,27 @@ def test_a_pump_killed_while_a_thread_carries_resets_both_ends_and_keeps_no_desc
         gevent.sleep(0.01)
     assert vtunnel.OFF_LOOP.running == 0
     assert open_descriptors() <= before - 2  # the pump's two sockets closed, and no duplicate left open
+
+
+@pytest.mark.parametrize("threads", [0, vtunnel.OFF_LOOP_THREADS], ids=["on the loop", "in a thread"])
+def test_a_slow_steady_reader_is_not_idle(monkeypatch, threads):
+    """idle-timeout means no byte moved either way for that long: a client that takes 4 KiB every
+    50 ms is never idle, though a 256 KiB chunk takes it longer than the timeout to take."""
+    monkeypatch.setattr(vtunnel.OFF_LOOP, "threads", threads)
+    client, left = tcp_pair()
+    right, server = tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    running = gevent.spawn(Pump(left, right, idle_timeout=1).run)
+    sender = gevent.spawn(server.sendall, os.urandom(16 * 1024 * 1024))
+    try:
+        received, deadline = 0, time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            received += len(client.recv(4096))
+            gevent.sleep(0.05)
+        assert not running.ready(), f"the pump ended: {running.value and running.value.failure}"
+        assert received > 0
+    finally:
+        sender.kill()
+        running.kill()
+        client.close()
+        server.close()

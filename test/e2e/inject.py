@@ -41,13 +41,13 @@ def accept():
 
 def pump():
     """Sending a chunk that starts with b"boom" raises, wherever the pump sends it."""
-    send_all = vtunnel.send_all
+    send = vtunnel.Pump._send
 
-    def broken(sock, data):
+    def broken(self, sock, data, direction):
         if bytes(data[:4]) == b"boom":
             raise TypeError("injected: a bug in the pump")
-        return send_all(sock, data)
-    vtunnel.send_all = broken
+        return send(self, sock, data, direction)
+    vtunnel.Pump._send = broken
 
 
 def relay():

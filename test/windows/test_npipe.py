@@ -162,3 +162,22 @@ def test_the_pump_carries_a_socket_to_a_pipe_and_back():
     assert read_all(client) == server.sent  # everything the pipe wrote, then end of stream
     done = pump.get(timeout=10)
     assert done.sent == [7, len(server.sent)] and done.failure is None
+
+
+def test_a_pipe_client_lets_the_server_identify_it_but_not_impersonate_it(monkeypatch):
+    """CreateFile with SECURITY_SQOS_PRESENT | SECURITY_IDENTIFICATION: a user who takes the upstream's
+    pipe name while its server is down cannot act as vtunnel's token (by default it could)."""
+    calls = []
+    create = _winapi.CreateFile
+
+    def recording(*args):
+        calls.append(args)
+        return create(*args)
+    monkeypatch.setattr(_winapi, "CreateFile", recording)
+    server = PipeServer(echo)
+    stream = vtunnel_npipe.connect(server.name_, timeout=5)
+    stream.close()
+    flags = calls[0][5]
+    assert flags & 0x00100000, "SECURITY_SQOS_PRESENT"
+    assert flags & (3 << 16) == 1 << 16, "SecurityIdentification, not SecurityImpersonation (2 << 16)"
+    assert flags & 0x40000000, "FILE_FLAG_OVERLAPPED"
