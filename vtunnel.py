@@ -52,7 +52,8 @@ unavailable), 2 bad command line or config.
 #   4. Endpoints, transports     Endpoint: where one side of a connection is. TcpEndpoint, UnixEndpoint,
 #                                PipeEndpoint, and VsockEndpoint, a port of a Transport (vsock, tcp:, unix:)
 #   5. Hyper-V                   HyperVTransport: the Windows host's vsock, blocking sockets in threads
-#   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux
+#   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux; OffLoop:
+#                                a bulk direction carried by a thread, so interactive ones never wait
 #   7. Servers and the service   accept loops, counters (Stats), a TunnelRun per tunnel and end, signals,
 #                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics
 #   8. Peer and host             the two roles (Role: carry a client to a leg, or a leg to the upstream;
