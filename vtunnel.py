@@ -1337,9 +1337,8 @@ class Pump:
             while True:
                 culprit = src
                 if streak >= OFF_LOOP_AFTER and OFF_LOOP.takes(src, dst):
-                    outcome = OFF_LOOP.carry(self, src, dst, direction)
-                    if outcome != "quiet":
-                        return self._after_off_loop(src, dst, outcome)
+                    if self._off_loop(src, dst, direction):
+                        return
                     size, drained, in_a_row, streak = SMALL_READ, True, 0, 0
                 # After a short read the kernel's buffer is empty: waiting first spares a recv that
                 # would only fail (one system call and one Python exception per message). After a
@@ -1372,13 +1371,17 @@ class Pump:
         else:
             self._end(src, dst)
 
-    def _after_off_loop(self, src, dst, outcome):
-        """A thread carried this direction to its end ("end"), or saw the connection fail elsewhere
-        ("failed"), or failed itself: (the end that failed, the error)."""
+    def _off_loop(self, src, dst, direction):
+        """Hand a bulk direction to a thread (OffLoop): True once the direction is over (ended, or
+        failed here or elsewhere), False when it came back quiet and the loop carries it again."""
+        outcome = OFF_LOOP.carry(self, src, dst, direction)
+        if outcome == "quiet":
+            return False
         if outcome == "end":
             self._end(src, dst)
-        elif outcome != "failed":
+        elif outcome != "failed":  # the thread met the failure: (the end that failed, the error)
             self._fail(*outcome)
+        return True
 
     def _send(self, dst, data, direction):
         """All of data to dst with send() (gevent's sendall asks the kernel for the socket's buffer size
@@ -1437,9 +1440,7 @@ class Pump:
             while True:
                 culprit = src
                 if streak >= OFF_LOOP_AFTER and OFF_LOOP.takes(src, dst):
-                    outcome = OFF_LOOP.carry(self, src, dst, direction)
-                    if outcome != "quiet":
-                        self._after_off_loop(src, dst, outcome)
+                    if self._off_loop(src, dst, direction):
                         return True
                     drained, streak = True, 0
                 if drained:
@@ -1553,8 +1554,8 @@ class OffLoop:
     8.1 ms at the median against socat's 0.86 ms (`bench.py --tables loaded`). A direction that has
     moved OFF_LOOP_AFTER bytes with no pause longer than OFF_LOOP_GAP is bulk: a thread takes it over
     and copies with blocking calls, which release the GIL, so the bulk bytes use the machine's other
-    cores and the loop is left to interactive traffic. The thread gives the direction back once it has been quiet for
-    OFF_LOOP_QUIET, so an idle connection holds no thread.
+    cores and the loop is left to interactive traffic. The thread gives the direction back once it has
+    been quiet for OFF_LOOP_QUIET, so an idle connection holds no thread.
 
     Two things keep the threads from taking the loop's place in the queue (the same run, 4 and 16 bulk
     streams, round trip p50 against socat's): the GIL, which a waiting thread wins only by luck among
@@ -2224,14 +2225,13 @@ class Service:
 
     # -- the metrics endpoint
 
-    def serve_metrics(self, address):
+    def serve_metrics(self, endpoint):
         """/metrics (the Prometheus text format, by prometheus_client), /status (JSON) and POST
         /reload on gevent's pywsgi, from the same counters the log shows, live."""
         try:
             import prometheus_client  # noqa: F401 (MetricsApp's)
         except ImportError:
             raise StartupError("--metrics needs the prometheus_client package: pip install prometheus_client") from None
-        endpoint = address if isinstance(address, Endpoint) else metrics_endpoint(address)
         if not endpoint.is_loopback:
             log.warning("metrics on %s, not a loopback address: anyone who can reach it reads them", endpoint)
         try:
@@ -3006,10 +3006,9 @@ def run(args):
     return service.run()
 
 
-def ask_service(address, path, method="GET"):
-    """Ask the vtunnel serving --metrics ADDRESS: (HTTP status, the JSON it answered)."""
+def ask_service(endpoint, path, method="GET"):
+    """Ask the vtunnel serving --metrics ENDPOINT (metrics_endpoint's): (HTTP status, the JSON it answered)."""
     import http.client
-    endpoint = address if isinstance(address, Endpoint) else metrics_endpoint(address)
     connection = http.client.HTTPConnection("localhost")
     try:
         connection.sock = endpoint.connect(CONNECT_TIMEOUT)
