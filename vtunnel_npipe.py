@@ -1,17 +1,30 @@
-"""Windows named pipes as vtunnel endpoints: npipe:////./pipe/NAME upstreams, and PipeListener,
-where a reverse tunnel's Windows host listens.
+"""Windows: named pipes as vtunnel endpoints (npipe:////./pipe/NAME upstreams, and PipeListener,
+where a reverse tunnel's Windows host listens), and the overlapped I/O that pipes and Hyper-V
+sockets share.
 
-A pipe opened with FILE_FLAG_OVERLAPPED can have a read and a write pending at
-once; a synchronous handle would serialise a pending read with every write, and
-a tunnel must be full duplex. The overlapped calls come from the standard
-`_winapi` module; the waits for them run in a dedicated gevent ThreadPool, so
-the hub never blocks. A PipeStream looks like a socket to the pump: recv,
-sendall, shutdown, settimeout, close.
+Every read and write of a pipe (PipeStream) or of a Hyper-V socket (SocketStream) is overlapped and
+completes through one I/O completion port (COMPLETIONS): one thread waits on the port for every handle
+of the process and hands each completion to the gevent loop, so an idle connection holds a pending
+read, never a thread. Until 2026-12 each pending read held a thread of a 1,024-thread pool: with 1,030
+idle connections the next one timed out, and every tunnel of the process with it. The calls are the
+standard library's `_overlapped`, which asyncio's proactor drives the same way. A Hyper-V socket takes
+the same WSARecv/WSASend path as any Winsock socket (Microsoft's go-winio, under the Go vtunnel, drives
+AF_HYPERV through a completion port too); under Wine, which cannot make AF_HYPERV sockets, TCP sockets
+stand in for them in the tests.
+
+What has no overlapped form here blocks in a thread of DIALS, never behind an idle read: WaitNamedPipe
+on a busy pipe, a Hyper-V connect, and a Hyper-V accept (one thread per listener).
+
+A pipe opened with FILE_FLAG_OVERLAPPED can have a read and a write pending at once; a synchronous
+handle would serialise a pending read with every write, and a tunnel must be full duplex. A stream
+looks like a socket to the pump: recv, sendall, shutdown, settimeout, close.
 """
 
+import collections
 import errno
 import socket
 import sys
+import threading
 import time
 
 import gevent
@@ -24,6 +37,7 @@ UNAVAILABLE_REASON = "named-pipe upstreams need Windows; this is " + sys.platfor
 CANNOT_LISTEN_REASON = "named-pipe listeners need Windows; this is " + sys.platform
 
 if AVAILABLE:
+    import _overlapped
     import _winapi
 
 ERROR_FILE_NOT_FOUND = 2
@@ -33,6 +47,7 @@ ERROR_PIPE_BUSY = 231
 ERROR_MORE_DATA = 234
 ERROR_PIPE_NOT_CONNECTED = 233
 ERROR_OPERATION_ABORTED = 995
+ERROR_NETNAME_DELETED = 64  # what a Winsock read says of a reset connection
 ERROR_IO_PENDING = 997
 ERROR_NO_DATA = 232  # a client connected and left before its instance was accepted
 ERROR_PIPE_CONNECTED = 535  # a client connected before ConnectNamedPipe was called
@@ -56,19 +71,20 @@ BUSY_WAIT_MS = 250  # one WaitNamedPipe, between tries at a busy pipe
 # the tunnel side has ended, the pipe is read until it ends or stays quiet this long, so a reply in
 # flight still arrives but no connection outlives its client.
 DRAIN_SECONDS = 5.0
-_pool = None
+DIAL_THREADS = 64  # dials, busy-pipe waits and Hyper-V accepts blocking at once
+_dials = None
 
 
 class PipeError(OSError):
     """A named pipe could not be opened or used."""
 
 
-def threadpool():
-    """The pool that waits on pipe I/O: a pending read holds one thread for as long as it waits."""
-    global _pool
-    if _pool is None:
-        _pool = gevent.threadpool.ThreadPool(1024)
-    return _pool
+def dials():
+    """The threads for the calls that have no overlapped form here (see the module's docstring)."""
+    global _dials
+    if _dials is None:
+        _dials = gevent.threadpool.ThreadPool(DIAL_THREADS)
+    return _dials
 
 
 def _capture(function, *args):
@@ -98,6 +114,65 @@ def run_in_thread(pool, function, *args):
     return outcome(spawn_in_thread(pool, function, *args))
 
 
+class CompletionPort:
+    """One I/O completion port for every overlapped handle of the process, and the thread that waits on it.
+
+    start() begins an overlapped call and returns its AsyncResult. The thread takes completions off
+    the port and wakes the gevent loop (an async watcher, which any thread may send), where their
+    results are set. While any call is pending the watcher keeps the loop alive: a greenlet waiting
+    for a pipe is waiting for something. An Overlapped is kept until its completion has arrived,
+    cancelled or not: Windows writes into it until then.
+    """
+
+    def __init__(self):
+        self.port = None
+        self.pending = {}  # OVERLAPPED address -> (Overlapped, AsyncResult), touched only in the loop's thread
+        self.arrived = collections.deque()  # addresses of completed calls, from the thread to the loop
+        self.open_streams = 0  # PipeStreams and SocketStreams not yet closed
+
+    def associate(self, handle):
+        """Let `handle` (a pipe handle or a socket's fileno) complete its overlapped calls here."""
+        if self.port is None:
+            self.port = _overlapped.CreateIoCompletionPort(_overlapped.INVALID_HANDLE_VALUE, _overlapped.NULL, 0, 0)
+            self.wakeup = gevent.get_hub().loop.async_()
+            self.wakeup.start(self._complete_arrived)
+            self.wakeup.ref = False
+            threading.Thread(target=self._wait_forever, name="vtunnel completions", daemon=True).start()
+        _overlapped.CreateIoCompletionPort(handle, self.port, 0, 0)
+
+    def start(self, handle, call, *args):
+        """Begin the overlapped `call` (the name of an _overlapped.Overlapped method) on `handle`:
+        (the Overlapped, an AsyncResult that gets what getresult() returns, or raises)."""
+        overlapped, done = _overlapped.Overlapped(_overlapped.NULL), gevent.event.AsyncResult()
+        if getattr(overlapped, call)(handle, *args):  # ConnectNamedPipe: connected already, nothing queued
+            done.set(None)
+        else:  # pending, or done at once: either way its completion is queued (raised: nothing was)
+            self.pending[overlapped.address] = (overlapped, done)
+            self.wakeup.ref = True
+        return overlapped, done
+
+    def _wait_forever(self):
+        while True:
+            completion = _overlapped.GetQueuedCompletionStatus(self.port, _overlapped.INFINITE)
+            if completion is not None:
+                self.arrived.append(completion[3])
+                self.wakeup.send()
+
+    def _complete_arrived(self):
+        while self.arrived:
+            overlapped, done = self.pending.pop(self.arrived.popleft(), (None, None))
+            if done is None:
+                continue  # not a call of ours: nothing to wake
+            try:
+                done.set(overlapped.getresult())
+            except OSError as exc:
+                done.set_exception(exc)
+        self.wakeup.ref = bool(self.pending)
+
+
+COMPLETIONS = CompletionPort()
+
+
 def connect(path, timeout):
     """Open the named pipe `path` (\\\\.\\pipe\\NAME), waiting up to `timeout` s while it is busy."""
     if not AVAILABLE:
@@ -117,7 +192,7 @@ def connect(path, timeout):
         if time.monotonic() >= deadline:
             raise PipeError(errno.EBUSY, f"all instances of the pipe stayed busy for {timeout:g}s", path)
         try:
-            run_in_thread(threadpool(), _winapi.WaitNamedPipe, path, BUSY_WAIT_MS)
+            run_in_thread(dials(), _winapi.WaitNamedPipe, path, BUSY_WAIT_MS)
         except OSError as exc:
             if exc.winerror not in (ERROR_SEM_TIMEOUT, ERROR_FILE_NOT_FOUND):
                 raise PipeError(exc.errno, exc.strerror, path) from None
@@ -222,20 +297,21 @@ class PipeListener:
                 raise PipeError(errno.EADDRINUSE, "another process serves this pipe already", self.path) from None
             raise PipeError(exc.errno, exc.strerror, self.path) from None
         try:
-            overlapped = _winapi.ConnectNamedPipe(handle, overlapped=True)
+            COMPLETIONS.associate(handle)  # the PipeStream it becomes reads and writes through the port
+            overlapped, done = COMPLETIONS.start(handle, "ConnectNamedPipe")
         except OSError as exc:
             if exc.winerror != ERROR_NO_DATA:
                 _winapi.CloseHandle(handle)
                 raise PipeError(exc.errno, exc.strerror, self.path) from None
-            overlapped = None  # a client came and went already: handed out, it ends at once
+            overlapped, done = None, None  # a client came and went already: handed out, it ends at once
         self.pending[handle] = overlapped
-        gevent.spawn(self._await_client, handle, overlapped)
+        gevent.spawn(self._await_client, handle, done)
 
-    def _await_client(self, handle, overlapped):
+    def _await_client(self, handle, done):
         err = 0
-        if overlapped is not None:
+        if done is not None:
             try:
-                _, err = run_in_thread(threadpool(), overlapped.GetOverlappedResult, True)
+                done.get()
             except OSError as exc:
                 err = getattr(exc, "winerror", None) or -1
         if self.closed:
@@ -257,7 +333,7 @@ class PipeListener:
             raise OSError(errno.EBADF, "the pipe listener was closed")
         if isinstance(item, OSError):
             raise item
-        return PipeStream(item, self.path), None
+        return PipeStream(item, self.path, associated=True), None
 
     def close(self):
         if self.closed:
@@ -280,105 +356,164 @@ class PipeListener:
             self.security.close()
 
 
-class PipeStream:
-    """One end of an open pipe, with the socket calls the pump uses."""
+class OverlappedStream:
+    """The socket calls the pump uses (recv, sendall, settimeout, close), made of overlapped reads and
+    writes that complete through COMPLETIONS. A subclass names its READ and WRITE calls.
+
+    A call cut short by a timeout stays pending, and the next call of its kind takes it over: a
+    read that timed out hands its bytes to the next recv, whatever size that asks for, and a write
+    that timed out is finished before the next sendall writes anything. So no byte is lost and two
+    reads (or writes) never run at once.
+    """
 
     family = None  # not a socket: no TCP tuning, no SO_LINGER
+    READ = WRITE = None
+    READ_ARGS = WRITE_ARGS = ()  # what the _overlapped call takes after the buffer or size
 
-    def __init__(self, handle, path):
-        self.handle, self.path = handle, path
-        self.timeout = None
-        self.closed = False
-        self._read = None  # (overlapped, its wait) of a read still pending after a timeout
-        self._writing = None
-        self._drain = gevent.event.Event()  # set when the tunnel side has ended
+    def __init__(self, handle, associated=False):
+        self.handle, self.timeout, self.closed = handle, None, False
+        self._read = None  # (overlapped, its AsyncResult) of a read still pending after a timeout
+        self._write = None  # (overlapped, its AsyncResult, the bytes it writes) likewise
+        if not associated:
+            COMPLETIONS.associate(handle)
+        COMPLETIONS.open_streams += 1
 
     def settimeout(self, timeout):
         self.timeout = timeout
 
     def recv(self, size):
-        """Up to `size` bytes; b"" once the other end has closed the pipe."""
+        """Up to `size` bytes; b"" at the end of the stream."""
         self._check_open()
         if self._read is None:
             try:
-                overlapped, _ = _winapi.ReadFile(self.handle, size, overlapped=True)
+                self._read = COMPLETIONS.start(self.handle, self.READ, size, *self.READ_ARGS)
             except OSError as exc:
-                if exc.winerror in END_OF_STREAM:
-                    return b""
-                raise
-            self._read = (overlapped, spawn_in_thread(threadpool(), overlapped.GetOverlappedResult, True))
-        overlapped, waiting = self._read
-        # Wait for the read, for the tunnel side to end (then drain), or for the timeout.
-        gevent.wait([waiting, self._drain], timeout=self.timeout, count=1)
-        if not waiting.ready() and self._drain.is_set():
-            gevent.wait([waiting], timeout=DRAIN_SECONDS)
-            if not waiting.ready():
-                return b""  # quiet since the tunnel side ended: the pipe's end, for our purposes
-        if not waiting.ready():
+                return self._failed_to_start(exc)
+        if not self._wait_for_read(self._read[1]):
             raise socket.timeout("timed out")  # the read stays pending for the next call
-        self._read = None
-        _, err = self._result(waiting)
-        if err in END_OF_STREAM:
+        if self._read is None:  # given up: a drained pipe (PipeStream)
             return b""
-        if err not in (0, ERROR_MORE_DATA):  # more data: the rest of a message comes with the next read
-            raise self._error(err)
-        return bytes(overlapped.getbuffer())
+        done, self._read = self._read[1], None
+        return self._result(done)
+
+    def _wait_for_read(self, done):
+        """Whether the read finished within the timeout."""
+        return bool(gevent.wait([done], timeout=self.timeout))
 
     def sendall(self, data):
-        view = memoryview(data)
+        if self._write is not None:  # an earlier send cut short by a timeout goes out first
+            self._finish_write(self._write[2])
+        self._finish_write(memoryview(data))
+
+    def _finish_write(self, view):
         while view:
             self._check_open()
-            try:
-                self._writing, err = _winapi.WriteFile(self.handle, view, overlapped=True)
-            except OSError as exc:
-                raise self._error(exc.winerror) from None
-            waiting = spawn_in_thread(threadpool(), self._writing.GetOverlappedResult, True)
-            if not gevent.wait([waiting], timeout=self.timeout):
+            if self._write is None:
+                try:
+                    overlapped, done = COMPLETIONS.start(self.handle, self.WRITE, view, *self.WRITE_ARGS)
+                except OSError as exc:
+                    raise self._error(exc) from None
+                self._write = (overlapped, done, view)
+            if not gevent.wait([self._write[1]], timeout=self.timeout):
                 raise socket.timeout("timed out")
-            written, err = self._result(waiting)
-            self._writing = None
-            if err:
-                raise self._error(err)
-            view = view[written:]
-
-    def shutdown(self, how):
-        # Pipes have no half-close: nothing more is written, and reads drain (see DRAIN_SECONDS).
-        self._drain.set()
+            done, self._write = self._write[1], None
+            view = view[self._result(done):]
 
     def close(self):
         if self.closed:
             return
         self.closed = True
-        for pending in (self._read[0] if self._read else None, self._writing):
+        COMPLETIONS.open_streams -= 1
+        for pending in (self._read, self._write):
             if pending is not None:
                 try:
-                    pending.cancel()  # CancelIoEx: the waiting thread wakes with ERROR_OPERATION_ABORTED
+                    pending[0].cancel()  # CancelIoEx: its completion, ERROR_OPERATION_ABORTED, wakes the waiter
                 except OSError:
                     pass
-        _winapi.CloseHandle(self.handle)
-        self._drain.set()
+        self._close_handle()
 
-    def _result(self, waiting):
-        """(bytes moved, Windows error) of a finished overlapped call."""
+    def _result(self, done):
+        """What a finished overlapped call returned, or its error as an OSError the pump understands."""
         try:
-            result = outcome(waiting)
+            result = done.get()
         except OSError as exc:
             if self.closed:
-                raise OSError(errno.EBADF, "the pipe was closed") from None
-            if getattr(exc, "winerror", None) in END_OF_STREAM:
-                return 0, exc.winerror
-            raise
+                raise OSError(errno.EBADF, "closed in another greenlet") from None
+            raise self._error(exc) from None
         if self.closed:
-            raise OSError(errno.EBADF, "the pipe was closed")
+            raise OSError(errno.EBADF, "closed in another greenlet")
         return result
 
     def _check_open(self):
         if self.closed:
-            raise OSError(errno.EBADF, "the pipe was closed")
+            raise OSError(errno.EBADF, "closed in another greenlet")
 
-    def _error(self, winerror):
+
+class PipeStream(OverlappedStream):
+    """One end of an open named pipe."""
+
+    READ, WRITE = "ReadFile", "WriteFile"
+
+    def __init__(self, handle, path, associated=False):
+        self.path = path
+        self._drain = gevent.event.Event()  # set when the tunnel side has ended
+        super().__init__(handle, associated)
+
+    def _failed_to_start(self, exc):
+        if exc.winerror in END_OF_STREAM:  # ReadFile says at once that the server has closed
+            return b""
+        raise self._error(exc) from None
+
+    def _wait_for_read(self, done):
+        # Wait for the read, for the tunnel side to end (then drain), or for the timeout.
+        gevent.wait([done, self._drain], timeout=self.timeout, count=1)
+        if not done.ready() and self._drain.is_set() and not self.closed:
+            if not gevent.wait([done], timeout=DRAIN_SECONDS):
+                self._read[0].cancel()
+                self._read = None  # quiet since the tunnel side ended: the pipe's end, for our purposes
+                return True
+        return done.ready()
+
+    def shutdown(self, how):
+        # Pipes have no half-close: nothing more is written, and reads drain (see DRAIN_SECONDS).
+        self._drain.set()
+
+    def _close_handle(self):
+        _winapi.CloseHandle(self.handle)
+        self._drain.set()
+
+    def _error(self, exc):
+        winerror = getattr(exc, "winerror", None)
         if winerror in END_OF_STREAM:
             return OSError(errno.EPIPE, "the pipe was closed by its server", self.path)
         if winerror == ERROR_OPERATION_ABORTED:
             return OSError(errno.EBADF, "the pipe was closed")
         return OSError(errno.EIO, f"Windows error {winerror}", self.path)
+
+
+class SocketStream(OverlappedStream):
+    """A connected Winsock socket (a Hyper-V socket, or TCP standing in for one under Wine)."""
+
+    READ, WRITE = "WSARecv", "WSASend"
+    READ_ARGS = WRITE_ARGS = (0,)  # flags
+
+    def __init__(self, sock):
+        self.sock, self.family = sock, sock.family
+        super().__init__(sock.fileno())
+
+    def _failed_to_start(self, exc):
+        raise self._error(exc) from None
+
+    def shutdown(self, how):
+        self.sock.shutdown(how)
+
+    def setsockopt(self, *args):
+        self.sock.setsockopt(*args)
+
+    def _close_handle(self):
+        self.sock.close()  # also ends its pending calls (WSA_OPERATION_ABORTED)
+
+    def _error(self, exc):
+        if getattr(exc, "winerror", None) in (ERROR_OPERATION_ABORTED, ERROR_NETNAME_DELETED):
+            return ConnectionResetError(errno.ECONNRESET, "the connection was reset or closed")
+        return exc

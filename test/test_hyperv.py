@@ -6,6 +6,7 @@ under the Windows Python (tox -e windows).
 """
 
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -17,8 +18,12 @@ import gevent.socket
 import pytest
 
 import vtunnel
+import vtunnel_npipe
 from helpers import FakeHyperV, eventually, free_port, listening, seed_server
-from vtunnel import SEED_PHRASE, Host, Pump, Service, ThreadedListener, ThreadedSocket
+from vtunnel import SEED_PHRASE, Host, Pump, Service, ThreadedListener
+
+WINDOWS_STREAMS = pytest.mark.skipif(not vtunnel_npipe.AVAILABLE, reason="the overlapped streams are Windows's; "
+                                     "elsewhere FakeHyperV's connections are gevent sockets")
 
 
 def test_threaded_sockets_carry_every_byte_through_the_pump():
@@ -43,7 +48,8 @@ def test_threaded_sockets_carry_every_byte_through_the_pump():
     try:
         payload = os.urandom(4 * 1024 * 1024)
         client = transport.connect(port, 5)
-        assert isinstance(client, ThreadedSocket)
+        if vtunnel_npipe.AVAILABLE:
+            assert isinstance(client, vtunnel_npipe.SocketStream)
         sender = gevent.spawn(lambda: (client.sendall(payload), client.shutdown(socket.SHUT_WR)))
         got = hashlib.sha256()
         while data := client.recv(262144):
@@ -56,7 +62,7 @@ def test_threaded_sockets_carry_every_byte_through_the_pump():
         upstream.stop()
 
 
-def test_a_threaded_recv_times_out_and_close_wakes_it():
+def test_a_recv_times_out_and_close_wakes_it():
     transport = FakeHyperV("vm")
     port = free_port()
     server = vtunnel.ThreadedServer(transport.listen(port), lambda c, a: gevent.sleep(5), gevent.pool.Pool())
@@ -77,7 +83,7 @@ def test_a_threaded_recv_times_out_and_close_wakes_it():
 
 
 def threaded_pair():
-    """(client ThreadedSocket, the server's end as a plain socket) over FakeHyperV."""
+    """(client stream, the server's end as a plain socket) over FakeHyperV."""
     transport = FakeHyperV("vm")
     port = free_port()
     listener = transport.listen(port)
@@ -87,6 +93,7 @@ def threaded_pair():
     return client, server_end
 
 
+@WINDOWS_STREAMS
 def test_a_receive_that_times_out_is_resumed_and_every_byte_is_read_once():
     """The pump retries a receive that timed out (idle-timeout): the thread still blocked in the first
     recv must hand its bytes to the retry, not drop them while a second thread reads."""
@@ -113,6 +120,7 @@ def test_a_receive_that_times_out_is_resumed_and_every_byte_is_read_once():
         server_end.close()
 
 
+@WINDOWS_STREAMS
 def test_a_send_that_times_out_goes_out_before_the_next_one():
     client, server_end = threaded_pair()
     first, second = os.urandom(8 * 1024 * 1024), os.urandom(1024)  # first: more than the buffers hold
@@ -232,3 +240,88 @@ def test_a_reverse_tunnel_keeps_listening_and_dials_the_peer_in_its_new_vm(monke
     service._drain()
     second.stop()
     new_leg.stop()
+
+
+def idle_legs_affordable(wanted=5000):
+    """How many idle legs this process can open: four sockets each here (the leg's two ends, the upstream
+    dial's two), under the descriptor limit. Windows has none, but under Wine every socket of every Wine
+    process is a descriptor of wineserver as well (winepy.sh passes its limit on)."""
+    limit = vtunnel.raise_descriptor_limit() or int(os.environ.get("VTUNNEL_FD_LIMIT", 4 * wanted + 1000))
+    return min(wanted, (limit - 1000) // 4)
+
+
+@pytest.fixture
+def host_to_echo():
+    """A Host over FakeHyperV whose tunnel's upstream echoes: (the legs' port, the tunnel's Stats)."""
+    def echo(sock, _address):
+        while data := sock.recv(65536):
+            sock.sendall(data)
+    upstream = gevent.server.StreamServer(("127.0.0.1", 0), echo, spawn=gevent.pool.Pool())
+    upstream.start()
+    seed, seed_port = seed_server()
+    leg_port = free_port()
+    tunnel = vtunnel.parse_config(
+        "tunnel:\n- {name: t, handshake-port: 7, vsock-host-port: 8, peer-address: 127.0.0.1, peer-port: 1,"
+        f" upstream-server-address: '127.0.0.1:{upstream.server_port}'}}\n")[0]
+    service = Service(grace=0.1)
+    service.start([Host(FakeHyperV(routes={("vm", 7): seed_port, ("vm", 8): leg_port}), service,
+                        vm_candidates=lambda: ["vm"])], [tunnel])
+    try:
+        assert eventually(lambda: listening(leg_port)), "the host listens in the VM"
+        yield leg_port, service.runs[("t", "host")].stats
+    finally:
+        service.stopping.set()
+        service._drain()
+        upstream.stop()
+        seed.stop()
+
+
+def new_leg_echoes(port):
+    with gevent.socket.create_connection(("127.0.0.1", port), timeout=10) as leg:
+        leg.sendall(b"ping")
+        return leg.recv(4) == b"ping"
+
+
+def test_the_host_serves_new_legs_beside_thousands_of_idle_ones(host_to_echo):
+    """Idle connections hold no thread at the Hyper-V host (issue 26): with each idle leg parked in a
+    thread of a 1,024-thread pool, the 1,025th stalled accepts, dials and every send of every tunnel."""
+    legs = idle_legs_affordable()
+    if legs < 1100:
+        pytest.skip(f"the descriptor limit allows {legs} idle legs here: too few to show the stall at 1,024")
+    port, stats = host_to_echo
+    idle = []
+    try:
+        for count in range(legs):
+            idle.append(gevent.socket.create_connection(("127.0.0.1", port), timeout=10))
+            if count % 1000 == 999 or count == legs - 1:
+                assert eventually(lambda: stats.open >= len(idle), 30), f"the host carries {len(idle)} legs"
+                assert new_leg_echoes(port), f"a new leg echoes beside {len(idle)} idle ones"
+    finally:
+        for leg in idle:
+            leg.close()
+
+
+@WINDOWS_STREAMS
+def test_at_the_ceiling_new_legs_wait_in_the_backlog_until_one_closes(host_to_echo, monkeypatch, caplog):
+    """Windows has no descriptor limit to stop accepts: STREAM_CEILING does, and says so once."""
+    caplog.set_level(logging.INFO, logger="vtunnel")
+    port, stats = host_to_echo
+    ends = 2  # each leg: the leg itself and its upstream dial, both overlapped streams on Windows
+    monkeypatch.setattr(vtunnel, "STREAM_CEILING", vtunnel_npipe.COMPLETIONS.open_streams + 5 * ends)
+    legs = [gevent.socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    try:
+        assert eventually(lambda: stats.open == 5), "five legs carried"
+        waiting = gevent.socket.create_connection(("127.0.0.1", port), timeout=10)  # in the listen backlog
+        legs.append(waiting)
+        waiting.sendall(b"ping")
+        waiting.settimeout(1)
+        with pytest.raises(socket.timeout):
+            waiting.recv(4)
+        assert "its ceiling: new clients wait until some close" in caplog.text
+        legs.pop(0).close()
+        waiting.settimeout(10)
+        assert waiting.recv(4) == b"ping"
+        assert "accepting again" in caplog.text
+    finally:
+        for leg in legs:
+            leg.close()

@@ -1,10 +1,12 @@
 """A named-pipe server for the cross-OS tests, run under the Windows Python.
 
-    python pipe_echo_server.py \\\\.\\pipe\\NAME INSTANCES [burst BYTES]
+    python pipe_echo_server.py \\\\.\\pipe\\NAME INSTANCES [burst BYTES | overlapped]
 
 Prints "ready", then per client: echoes every byte and prints "got BYTES SHA256" once the client has
 closed; or, with `burst`, writes BYTES random bytes without reading any, prints "sent BYTES SHA256"
-and closes its end at once (a pipe server that dies mid-reply: pipes have no reset).
+and closes its end at once (a pipe server that dies mid-reply: pipes have no reset). INSTANCES
+threads serve one client each; with `overlapped`, any number of clients are echoed at once, in
+greenlets over vtunnel_npipe's overlapped pipes (thousands of idle clients, no thread each).
 """
 
 import _winapi
@@ -59,8 +61,33 @@ def burst(size):
     return answer
 
 
+def serve_overlapped(name, instances):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    import gevent
+
+    import vtunnel_npipe
+
+    def echo_one(stream):
+        digest, count = hashlib.sha256(), 0
+        try:
+            while data := stream.recv(65536):
+                digest.update(data)
+                count += len(data)
+                stream.sendall(data)
+        except OSError:
+            pass
+        stream.close()
+        print(f"got {count} {digest.hexdigest()}", flush=True)
+    listener = vtunnel_npipe.PipeListener(name, waiting=instances)
+    print("ready", flush=True)
+    while True:
+        gevent.spawn(echo_one, listener.accept()[0])
+
+
 if __name__ == "__main__":
     name, instances = sys.argv[1], int(sys.argv[2])
+    if sys.argv[3:4] == ["overlapped"]:
+        serve_overlapped(name, instances)
     answer = burst(int(sys.argv[4])) if sys.argv[3:4] == ["burst"] else echo
     ready = threading.Event()
     for _ in range(instances):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,75 @@ def test_windows_programs_reach_a_vm_service_through_a_pipe_the_windows_host_lis
         peer.stop()
         host.stop()
         upstream.stop()
+
+
+# ---------------------------------------------------------------- thousands of idle connections (issue 26)
+
+IDLE_CONNECTIONS = int(os.environ.get("VTUNNEL_IDLE_CONNECTIONS", 2000))  # more: see the README
+
+
+def wine_process_status(marker):
+    """(threads, resident KiB) of the Windows Python process whose command line holds `marker`."""
+    pid = subprocess.run(["pgrep", "-f", f"python.exe.*{marker}"], capture_output=True, text=True).stdout.split()[0]
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
+
+
+def echo_64_mib(port):
+    """Seconds a checksummed 64 MiB echo through the tunnel takes."""
+    payload = os.urandom(64 * 1024 * 1024)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        assert sha256(round_trip(sock, payload)) == sha256(payload)
+    return time.monotonic() - started
+
+
+def new_connection_echoes(port):
+    """Seconds a new connection takes to echo b'ping' through the tunnel."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert round_trip(sock, b"ping") == b"ping"
+    return time.monotonic() - started
+
+
+def test_a_windows_host_holds_thousands_of_idle_named_pipe_connections(tmp_path):
+    """2,000 idle connections through a Windows host to a named pipe: each holds a pending read at
+    both of the host's ends and no thread, so a new connection is served at every point and a 64 MiB
+    transfer beside them keeps every byte. With a thread per pending read (a 1,024-thread pool),
+    the host stopped serving anyone past ~1,024."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2 * IDLE_CONNECTIONS + 1000:  # the peer holds two descriptors per connection
+        pytest.skip(f"the descriptor limit ({hard}) is too low for {IDLE_CONNECTIONS} idle connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pipe = rf"\\.\pipe\vtunnel-idle-{os.getpid()}"
+    pipes = WineProcess(ROOT / "test/windows/pipe_echo_server.py", pipe, 16, "overlapped",
+                        marker=f"vtunnel-idle-{os.getpid()}")
+    entry = tunnel_entry("idle", 1, "tcp", upstream="npipe://" + pipe.replace("\\", "/"))
+    config = write_config(tmp_path, [entry])
+    pipes.wait_for("ready")
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", config,
+                       "--vsock", "tcp:127.0.0.1", marker=str(config))
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    idle = []
+    try:
+        host.wait_for("idle: listening on")
+        port = entry["peer-port"]
+        print(f"no idle connections: a new one echoes in {new_connection_echoes(port):.3f}s; "
+              f"host threads, KiB: {wine_process_status(config)}; 64 MiB echoed in {echo_64_mib(port):.1f}s")
+        for count in range(1, IDLE_CONNECTIONS + 1):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            idle.append(sock)
+            assert round_trip(sock, b"x") == b"x"  # through to the pipe server: both host ends are open
+            if count % 500 == 0:
+                print(f"{count} idle: a new one echoes in {new_connection_echoes(port):.3f}s; "
+                      f"host threads, KiB: {wine_process_status(config)}")
+        print(f"64 MiB echoed beside {len(idle)} idle connections in {echo_64_mib(port):.1f}s")
+        assert round_trip(idle[0], b"still there") == b"still there"
+    finally:
+        for sock in idle:
+            sock.close()
+        print("--- windows host:\n" + "\n".join(host.lines[-40:]) + "\n--- linux peer:\n" + peer.log[-4000:])
+        peer.stop()
+        host.stop()
+        pipes.stop()

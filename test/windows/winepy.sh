@@ -7,6 +7,9 @@
 set -euo pipefail
 W=${VTUNNEL_WINE:-/tmp/vtunnel-wine}
 export WINEPREFIX=$W/prefix WINEDEBUG=-all WINEARCH=win64
+# Every Winsock socket of every Wine process is a descriptor of wineserver too: tests size their load by it.
+VTUNNEL_FD_LIMIT=$(ulimit -Hn)
+export VTUNNEL_FD_LIMIT
 EMBED_SHA256=4715740bd3d1a2b1efc5c28b2e9b3c68bcde29c610593e73379d14897a3dc87d
 say() { echo "winepy: $*" >&2; }
 quiet() { "$@" </dev/null >/dev/null 2>&1 9>&-; }  # 9: our lock, which Wine's daemons must not inherit
