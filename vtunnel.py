@@ -25,7 +25,11 @@ Options:
   --config-path PATH   the YAML file with the 'tunnel:' list.
   --vsock TRANSPORT    how vsock ports are reached: vsock, vsock:CID, hyperv,
                        tcp:HOST or unix:PREFIX [default: vsock on Linux,
-                       hyperv on Windows].
+                       hyperv on Windows]. Who may dial a leg: vsock, only
+                       the other end's CID (2, or CID); hyperv, only the
+                       served VM; tcp:, any local process; unix:, the owner
+                       of the socket files (0600). leg-secret-file narrows
+                       any of them to holders of a secret.
   --vm-id GUID         host on Hyper-V: the VM to serve, skipping discovery.
   --log-level LEVEL    debug, info, warning or error [default: info].
   --grace SECONDS      on SIGINT/SIGTERM, how long open connections may
@@ -100,6 +104,7 @@ import greenlet
 import yaml
 
 import vtunnel_npipe
+import vtunnel_trust
 
 if sys.platform.startswith("linux"):
     import fcntl  # splice's pipe sizes, and unsent_bytes
@@ -178,6 +183,7 @@ class Tunnel:
     max_connections: int = None  # None: no limit
     connect_timeout: float = CONNECT_TIMEOUT
     idle_timeout: float = None  # None: connections may idle forever
+    leg_secret: object = None  # vtunnel_trust.LegSecret: each leg proves both ends hold it
     line: int = field(default=0, compare=False)  # where the entry is: moving it changes no tunnel
 
     @property
@@ -269,6 +275,13 @@ def _pipe_sddl(value):
                              "(and so read other clients' requests) or change its DACL: give clients "
                              "0x12019b (read and write), e.g. \"D:P(A;;GA;;;SY)(A;;GA;;;OW)(A;;0x12019b;;;AU)\"")
     return text
+
+
+def _leg_secret_file(value):
+    try:
+        return vtunnel_trust.LegSecret(_text(value))
+    except vtunnel_trust.LegSecretError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _host(value):
@@ -378,6 +391,7 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "max-connections": ("max_connections", _positive_integer, None),
     "connect-timeout": ("connect_timeout", _seconds, CONNECT_TIMEOUT),
     "idle-timeout": ("idle_timeout", _seconds, None),
+    "leg-secret-file": ("leg_secret", _leg_secret_file, None),
     "vsock-peer-port": ("vsock_peer_port", _vsock_port, None),
     "host-listen-address": ("host_listen_address", parse_upstream, None),
     "host-socket-mode": ("host_socket_mode", _file_mode, None),
@@ -642,7 +656,7 @@ def listen_tcp(host, port):
 def listen_unix(path, mode=0o600):
     """Listen on a Unix socket file born with `mode`; a stale file is replaced, a live socket refused."""
     directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
+    if directory and not os.path.isdir(directory):
         raise OSError(errno.ENOENT, f"the directory {directory} does not exist")
     claim_socket_path(path)
     # umask, not a chmod after bind: no moment when others may connect.
@@ -969,6 +983,12 @@ class Transport:
     def dial_address(self, port):
         raise NotImplementedError
 
+    def refuses(self, address):
+        """Why a leg accepted from `address` must be closed before anything is dialled, or None.
+        The emulated transports cannot tell (tcp: admits any local process; unix: whoever the
+        socket file's mode lets in, the owner only)."""
+        return None
+
     def check_available(self):
         if self.family is None:
             raise StartupError(f"the {self} transport is not available on this platform")
@@ -1020,6 +1040,13 @@ class VsockTransport(Transport):
     def dial_address(self, port):
         return (self.cid, port)
 
+    def refuses(self, address):
+        """Only the other end's VM may dial a leg: at the host, the guest's CID (--vsock vsock:CID);
+        at the peer, the host's (2, unless --vsock vsock:CID names another). Any other VM on the
+        machine, and any local process (CID 1, vsock_loopback), would otherwise reach the upstream."""
+        cid = address[0] if isinstance(address, tuple) and address else None
+        return None if cid == self.cid else f"a leg from CID {cid}, not from CID {self.cid}"
+
 
 class TcpTransport(Transport):
     """Emulated vsock: vsock port N is TCP port N on one host (loopback for tests)."""
@@ -1056,8 +1083,10 @@ class UnixTransport(Transport):
 
     dial_address = listen_address
 
-    def prepare_listener(self, sock, port):
-        claim_socket_path(self.listen_address(port))
+    def listen(self, port):
+        """A leg's socket file admits its owner only (0600): anyone who can connect to it reaches
+        the tunnel's far end."""
+        return listen_unix(self.listen_address(port), 0o600)
 
     def close_listener(self, port):
         remove_socket_file(self.listen_address(port))
@@ -1876,6 +1905,7 @@ class Stats:
         self.pumps = set()  # of the open connections: their bytes count as they move
         self.sent_by_closed = [0, 0]  # bytes towards the far end, bytes back
         self.failures = collections.Counter()
+        self.refused = collections.Counter()  # legs refused before anything was dialled, by reason
         self.last_error = None  # the latest problem: a failed connection, a handshake, a listener
 
     @property
@@ -1906,8 +1936,9 @@ class Stats:
     def line(self):
         failures = ", ".join(f"{cause} {count}" for cause, count in sorted(self.failures.items())) or "none"
         sent = self.sent
+        refused = ", ".join(f"{reason} {count}" for reason, count in sorted(self.refused.items())) or "none"
         return (f"stats {self.label}: {self.open} open, {self.total} total, {sent[0]} bytes to "
-                f"{self.far_name}, {sent[1]} bytes back, failures: {failures}")
+                f"{self.far_name}, {sent[1]} bytes back, failures: {failures}, legs refused: {refused}")
 
 
 class ConnectionIds:
@@ -2424,6 +2455,8 @@ class MetricsApp:
         moved = CounterMetricFamily("vtunnel_bytes", "Bytes carried, counted as they move",
                                     labels=labels + ["direction"])
         failures = CounterMetricFamily("vtunnel_failures", "Connections that failed", labels=labels + ["cause"])
+        refused = CounterMetricFamily("vtunnel_refused", "Tunnel legs refused before anything was dialled "
+                                      "(a foreign CID, the leg exchange failed)", labels=labels + ["reason"])
         reloads = CounterMetricFamily("vtunnel_reloads", "Reloads of the config, by result", labels=["result"])
         for run in self.service.runs.values():
             stats, ids = run.stats, [run.tunnel.name, run.end]
@@ -2435,9 +2468,11 @@ class MetricsApp:
             moved.add_metric(ids + ["back"], sent[1])
             for cause, count in stats.failures.items():
                 failures.add_metric(ids + [cause], count)
+            for reason, count in stats.refused.items():
+                refused.add_metric(ids + [reason], count)
         for result, count in self.service.reloads.items():
             reloads.add_metric([result], count)
-        return [up, open_, total, moved, failures, reloads]
+        return [up, open_, total, moved, failures, refused, reloads]
 
     def status(self):
         return {"status": self.service.status(), "reloads": dict(self.service.reloads),
@@ -2449,6 +2484,7 @@ class MetricsApp:
         return {"tunnel": run.tunnel.name, "end": run.end, "up": run.up, "state": run.state,
                 "open": stats.open, "total": stats.total,
                 "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures),
+                "refused": dict(stats.refused), "leg_secret": bool(run.tunnel.leg_secret),
                 "last_error": stats.last_error}
 
 
@@ -2552,7 +2588,8 @@ def _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_ne
         result = "closed"
         if pump.failure:
             exc = pump.failure[1]
-            result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)})"
+            hint = exchange_hint(tunnel, pump, leg_is_near)
+            result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)}{hint})"
         log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
                  pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
@@ -2565,6 +2602,7 @@ class Role:
 
     def __init__(self, transport, service):
         self.transport, self.service = transport, service
+        self.refusals = vtunnel_trust.RefusalLog()
 
     def far(self, tunnel):
         """What this end dials for the tunnel, by name: the other vtunnel, or the upstream."""
@@ -2582,13 +2620,62 @@ class Role:
         def dial_leg(timeout):
             leg = legs().connect(timeout)
             self.service.connection_ids.dialled(leg, number)
+            if tunnel.leg_secret:
+                try:
+                    self.prove(tunnel, leg, vtunnel_trust.prove_as_dialler)
+                except vtunnel_trust.LegRefused as exc:
+                    stats.refused[exc.reason] += 1
+                    abort(leg)
+                    raise ConnectionRefusedError(errno.ECONNREFUSED, f"leg refused: {exc}") from None
             return leg
         relay(tunnel, stats, number, client, dial_leg, "client", f"from {source}", leg_is_near=False)
 
     def carry_leg(self, tunnel, stats, leg, address):
-        """A leg accepted from the other vtunnel: dial the upstream and pump."""
-        relay(tunnel, stats, self.service.connection_ids.accepted(address), leg, tunnel.upstream.connect,
+        """A leg accepted from the other vtunnel: check who dialled it (the transport, then the leg
+        exchange if the tunnel has a leg secret), dial the upstream and pump."""
+        try:
+            if problem := self.transport.refuses(address):
+                raise vtunnel_trust.LegRefused("foreign cid", f"{problem}: the {self.other_end} is not there")
+            if tunnel.leg_secret:
+                self.prove(tunnel, leg, vtunnel_trust.prove_as_acceptor)
+        except vtunnel_trust.LegRefused as exc:
+            self.refuse(tunnel, stats, leg, address, exc)
+            return
+
+        def dial_upstream(timeout):
+            upstream = tunnel.upstream.connect(timeout)
+            if not tunnel.leg_secret and opens_with_the_leg_exchange(leg):
+                upstream.close()
+                stats.refused["no secret here"] += 1
+                raise ConnectionRefusedError(errno.ECONNREFUSED, "the leg opened with the leg exchange, but this "
+                                             "end has no leg-secret-file: set it, to the same secret, at both ends")
+            return upstream
+        relay(tunnel, stats, self.service.connection_ids.accepted(address), leg, dial_upstream,
               self.other_end, f"to {tunnel.upstream}", leg_is_near=True)
+
+    def prove(self, tunnel, leg, half):
+        """One half of the leg exchange (vtunnel_trust), within the tunnel's connect-timeout."""
+        try:
+            with gevent.Timeout(tunnel.connect_timeout):
+                half(leg, tunnel.leg_secret.key(), tunnel.leg_port)
+        except gevent.Timeout:
+            raise vtunnel_trust.LegRefused("timed out", f"the leg exchange took over {tunnel.connect_timeout:g}s "
+                                           f"(connect-timeout): {vtunnel_trust.HINT}") from None
+        except vtunnel_trust.LegSecretError as exc:  # the file changed since the start
+            raise vtunnel_trust.LegRefused("secret unreadable", str(exc)) from None
+        except OSError as exc:
+            raise vtunnel_trust.LegRefused("no exchange", f"the leg failed during the leg exchange "
+                                           f"({_reason(exc)}): {vtunnel_trust.HINT}") from None
+
+    def refuse(self, tunnel, stats, leg, address, exc):
+        """Close a refused leg, count it, and log it (one line per source and reason a minute)."""
+        abort(leg)
+        stats.refused[exc.reason] += 1
+        source = address[0] if isinstance(address, tuple) and address else "the leg's listener"
+        refused = self.refusals.count((tunnel.name, source), exc.reason)
+        if refused:
+            since = f" ({refused} refused in the last minute)" if refused > 1 else ""
+            log.warning("%s: refused a leg from %s: %s%s", tunnel.name, source, exc, since)
 
 
 class Peer(Role):
@@ -2607,7 +2694,7 @@ class Peer(Role):
     def part(tunnel):
         """The keys the peer uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.upstream if tunnel.reverse else
-                tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout)
+                tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret)
 
     def listening(self):
         return sum(run.up for run in self.service.runs.values() if run.end == self.end)
@@ -2661,7 +2748,7 @@ class Host(Role):
     def part(tunnel):
         """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.host_listen if tunnel.reverse else
-                tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout)
+                tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret)
 
     def status(self):
         runs = [run for run in self.service.runs.values() if run.end == self.end]
@@ -2757,6 +2844,31 @@ class Host(Role):
                 log.info("%s: periodic handshake with %s: %s", tunnel.name, transport, problem)
             else:
                 log.debug("%s: periodic handshake with %s: answered", tunnel.name, transport)
+
+
+def exchange_hint(tunnel, pump, leg_is_near):
+    """For the failure line of a leg this end carried without a secret: a dialler with leg-secret-file
+    sends its hello, finds no proof in what comes back, and closes the leg outright."""
+    hello_only = pump.failure[0] == "left" and pump.sent[0] == vtunnel_trust.HELLO_SIZE
+    if tunnel.leg_secret or not leg_is_near or not hello_only:
+        return ""
+    return ("; the leg carried just the size of a leg-exchange hello: if the other end has a leg-secret-file, this "
+            "end has no leg-secret-file: set it, to the same secret, at both ends")
+
+
+def opens_with_the_leg_exchange(leg):
+    """Whether the bytes waiting on a leg start with a dialler's leg exchange (looked at without taking
+    them, and without waiting: a gevent socket with timeout 0 does not wait)."""
+    if not is_polled(leg):
+        return False
+    timeout = leg.gettimeout()
+    leg.settimeout(0)
+    try:
+        return vtunnel_trust.opens_with_the_exchange(leg.recv(len(vtunnel_trust.MAGIC), socket.MSG_PEEK))
+    except OSError:
+        return False
+    finally:
+        leg.settimeout(timeout)
 
 
 def handshake(endpoint):
@@ -2903,12 +3015,12 @@ def config_warnings(tunnels):
 
 
 def format_table(tunnels):
-    rows = [("NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM")]
+    rows = [("NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM", "LEGS")]
     for t in tunnels:
         vsock_end, listen_end, upstream = ("peer", "host", f"{t.upstream} (in the VM)") if t.reverse else (
             "host", "peer", str(t.upstream))
         rows.append((t.name, t.direction, str(t.handshake_port), f"{vsock_end}:{t.leg_port}",
-                     f"{listen_end} {t.clients_at}", upstream))
+                     f"{listen_end} {t.clients_at}", upstream, "secret" if t.leg_secret else "open"))
     return "\n".join(format_rows(rows))
 
 

@@ -100,8 +100,14 @@ class _Serving:
     def __init__(self, handler, address):
         super().__init__(address, handler)
         self.received = []  # (bytes count, sha256) of every finished connection
+        self.accepted = 0  # connections accepted, finished or not
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            self.accepted += 1
+        super().process_request(request, client_address)
 
     def record(self, count, digest):
         with self.lock:
@@ -420,11 +426,12 @@ def parse_stats(text):
     found = {}
     for line in text.splitlines():
         stats = re.search(r"stats (.+?): (\d+) open, (\d+) total, (\d+) bytes to \S+, (\d+) bytes back, "
-                          r"failures: (.*)$", line)
+                          r"failures: (.*), legs refused: (.*)$", line)
         if stats:
-            label, *numbers, failures = stats.groups()
+            label, *numbers, failures, refused = stats.groups()
             found[label] = dict(zip(("open", "total", "to", "back"), map(int, numbers), strict=True))
             found[label]["failures"] = failures
+            found[label]["refused"] = refused
         process = re.search(r"process: (\d+) greenlets, (\d+) file descriptors \((\d+) in spare splice pipes", line)
         if process:  # the pipes kept for reuse are the pump's, not a connection's: not counted as held
             found["process"] = {"greenlets": int(process[1]), "fds": int(process[2]) - int(process[3])}

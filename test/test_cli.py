@@ -31,7 +31,7 @@ def test_version_and_help():
 def test_check_prints_the_tunnels(tmp_path):
     code, out, err = run_vtunnel("check", "--config-path", ROOT / "config.yaml")
     assert code == 0, err
-    assert out.splitlines()[0].split() == ["NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM"]
+    assert out.splitlines()[0].split() == ["NAME", "DIRECTION", "HANDSHAKE", "VSOCK", "LISTEN", "UPSTREAM", "LEGS"]
     assert "tcpTunnel" in out and "127.0.0.1:3030" in out
 
 
@@ -197,7 +197,7 @@ def test_check_shows_each_tunnel_s_direction_and_warns_about_a_reverse_tunnel_s_
     rows = [line.split() for line in out.splitlines()[1:]]
     assert rows[0][:4] == ["fwd", "VM", "->", "host"] and rows[0][5].startswith("host:")
     assert rows[1] == ["rev", "host", "->", "VM", "9290", "peer:9291", "host", "0.0.0.0:8080", "127.0.0.1:80", "(in",
-                       "the", "VM)"]
+                       "the", "VM)", "open"]
     assert err.splitlines() == [
         "vtunnel: warning: tunnel 'rev': 0.0.0.0:8080 is not a loopback address: anyone who can reach it reaches "
         "127.0.0.1:80 in the VM",

@@ -171,7 +171,13 @@ def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
     routes = {("old", 7): first_port, ("old", 8): free_port()}
     running = {"old"}
     service = Service(grace=0.1)
-    host = Host(FakeHyperV(routes=routes), service, vm_candidates=lambda: sorted(running))
+    bound = []  # the VM of every listener the host opens: never the wildcard (issue 27)
+
+    class Recording(FakeHyperV):
+        def listen(self, port):
+            bound.append((self.vm_id, port))
+            return super().listen(port)
+    host = Host(Recording(routes=routes), service, vm_candidates=lambda: sorted(running))
     service.start([host], [tunnel])
     old_listener = routes["old", 8]
     assert eventually(lambda: listening(old_listener)), "the host listens in the old VM"
@@ -184,6 +190,8 @@ def test_the_host_follows_its_peer_to_a_new_vm(monkeypatch):
     new_listener = routes["new", 8]
     assert eventually(lambda: listening(new_listener)), "the host listens in the new VM"
     assert not listening(old_listener), "and no longer in the old one"
+    assert bound == [("old", 8), ("new", 8)], "each listener bound to the served VM's GUID, through the rebind"
+    assert vtunnel.HyperVTransport("old").listen_address(8) == ("old", vtunnel.hyperv_service_id(8))
     service.stopping.set()
     service.greenlets.kill()
     service._drain()

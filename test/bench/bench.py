@@ -9,7 +9,8 @@ loopback; anywhere else they are refused, since a vsock connection would reach t
 
 A configuration named "vtunnel=PATH tcp" runs the vtunnel.py at PATH (another checkout) instead of
 this one, so a change is measured before and after side by side in one run. vtunnel runs with
---log-level warning; "vtunnel tcp info" (any vtunnel configuration, then a level) runs it at that level.
+--log-level warning; "vtunnel tcp info" (any vtunnel configuration, then a level) runs it at that level;
+"vtunnel tcp secret" gives every tunnel a leg-secret-file, so each leg authenticates.
 
 Every configuration first proves it carries bytes intact (SHA-256 both ways), then is measured:
 bulk throughput each way and over 100 streams (iperf3), 64-byte round trips, new connections per
@@ -118,14 +119,22 @@ class Chain:
         else:
             vsock_port = (lambda: next(_vsock_ports)) if name.endswith(" vsock") else free_port
             config = Path(tmp) / f"config-{len(os.listdir(tmp))}.yaml"
+            # "vtunnel tcp secret": every leg authenticates (leg-secret-file): what the exchange costs.
+            words = name.split()[2:]
+            secret = ""
+            if "secret" in words:
+                secret_file = config.with_suffix(".secret")
+                secret_file.write_text(os.urandom(32).hex())
+                secret_file.chmod(0o600)
+                secret = f"    leg-secret-file: {secret_file}\n"
             config.write_text("tunnel:\n" + "".join(
                 f"  - name: bench{i}\n    handshake-port: {vsock_port()}\n    vsock-host-port: {vsock_port()}\n"
                 f"    peer-address: 127.0.0.1\n    peer-port: {port}\n"
-                f"    upstream-server-address: 127.0.0.1:{upstream}\n"
+                f"    upstream-server-address: 127.0.0.1:{upstream}\n{secret}"
                 for i, (port, upstream) in enumerate(zip(self.ports, upstreams, strict=True))))
             # "vtunnel tcp info" runs at --log-level info, as users do by default: the price of its two
-            # log lines per connection and end. Without a third word, warning: no line per connection.
-            level = (name.split()[2:] or ["warning"])[0]
+            # log lines per connection and end. Without a level word, warning: no line per connection.
+            level = next((word for word in words if word != "secret"), "warning")
             common = ["--config-path", str(config), "--log-level", level]
             # "vtunnel=PATH tcp" runs another tree's vtunnel.py: a before/after in one run.
             script = name.split()[0].partition("=")[2] or ROOT / "vtunnel.py"

@@ -8,8 +8,8 @@ class Deployment:
 
     def __init__(self, mode, tmp_path):
         self.mode, self.tmp_path = mode, tmp_path
-        # "vsock": real AF_VSOCK, only inside the throwaway guest (test/vsockvm.sh): the peer on
-        # its default transport, the host dialing CID 1 (loopback).
+        # "vsock": real AF_VSOCK, only inside the throwaway guest (test/vsockvm.sh): both ends at
+        # CID 1 (loopback), which is where each end's legs come from, and so the CID each admits.
         self.transport = {"tcp": "tcp:127.0.0.1", "unix": f"unix:{socket_dir()}/v", "local": None,
                           "vsock": None}[mode]
         self.tunnels, self.peer, self.host, self.local = [], None, None, None
@@ -64,7 +64,7 @@ class Deployment:
             host.wait_for_log(f"carrying to {entry['upstream-server-address']}", timeout)
 
     def _start(self, role):
-        transport = self.transport or ("vsock:1" if role == "host" else None)
+        transport = self.transport or ("vsock:1" if self.mode == "vsock" else None)
         return Vtunnel(role, "--config-path", self.config, *(["--vsock", transport] if transport else []),
                        "--log-level", "debug", "--grace", "2", log_dir=self.tmp_path)
 

@@ -94,7 +94,7 @@ def test_soak_mixed_traffic(deployment):
             print(f"{name} ({role}): clients made {t.connections} connections, sent {t.sent}, "
                   f"received {t.received}; the tunnel counted {final}")
             assert final == {"open": 0, "total": t.connections, "to": t.sent, "back": t.received,
-                             "failures": "none"}
+                             "failures": "none", "refused": "none"}
     chaos_final = parse_stats(d.peer.log)["chaos (peer)"]
     assert chaos_final["total"] == tallies["chaos"].connections and chaos_final["open"] == 0
     assert tallies["web"].connections > 100 and tallies["stream"].connections > 3

@@ -118,3 +118,34 @@ def test_host_restarted_while_the_peer_runs(tunnel):
     assert tunnel.peer.alive()
     tunnel.start_host()
     wait_until(lambda: echo_works(port(tunnel, "echo"), 50_000), timeout=90, what="the tunnel to serve again")
+
+
+def test_legs_from_a_cid_that_is_not_the_other_ends_are_refused(tmp_path):
+    """Each end admits legs only from the other end's CID. The guest has one CID, so the foreign one is
+    presented honestly: an end told to expect CID 2 while its legs come over vsock_loopback, whose
+    getpeername says CID 1. Forward: a host started with --vsock vsock:2. Reverse: a peer on its
+    default transport (the host's CID, 2). Nothing is dialled for a refused leg."""
+    from helpers import Vtunnel, _next_vsock_port, echo_server, free_port, how_it_ended, tunnel_entry, write_config
+    upstream = echo_server()
+    forward = tunnel_entry("fwd", upstream.port, "vsock")
+    reverse = {"name": "rev", "handshake-port": _next_vsock_port(), "vsock-peer-port": _next_vsock_port(),
+               "host-listen-address": f"127.0.0.1:{free_port()}", "upstream-server-address":
+               f"127.0.0.1:{upstream.port}"}
+    config = write_config(tmp_path, [forward, reverse])
+    peer = Vtunnel("peer", "--config-path", config, log_dir=tmp_path)  # expects the host at CID 2
+    host = Vtunnel("host", "--config-path", config, "--vsock", "vsock:2", log_dir=tmp_path)  # expects the peer at 2
+    try:
+        host.wait_for_log("fwd: listening on", timeout=60)
+        host.wait_for_log("rev: listening on", timeout=60)
+        for port in (forward["peer-port"], int(reverse["host-listen-address"].rsplit(":", 1)[1])):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"anyone?")
+                assert how_it_ended(sock)[0] in ("reset", "eof")
+        host.wait_for_log("fwd: refused a leg from 1: a leg from CID 1, not from CID 2: the peer is not there")
+        peer.wait_for_log("rev: refused a leg from 1: a leg from CID 1, not from CID 2: the host is not there")
+        assert upstream.accepted == 0, "the upstream was never dialled"
+    finally:
+        print(f"--- peer:\n{peer.log}\n--- host:\n{host.log}")
+        peer.stop()
+        host.stop()
+        upstream.stop()
