@@ -66,8 +66,12 @@ unavailable), 2 bad command line or config.
 #   9. Finding the VM            Windows: every running VM is handshaked at once
 #  10. Command line              parse_args, run, main; status and reload ask a running vtunnel
 #
+# Two sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
+# pipes, and the overlapped I/O through one completion port that the Windows host's streams share) and
+# vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log).
+#
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
-# family subclasses Transport (family, listen_address, dial_address). The pump asks of a stream only
+# family subclasses Transport (family, listen_address, dial_address; refuses, if it can tell who dialled). The pump asks of a stream only
 # recv, sendall, shutdown, settimeout and close (and splices between gevent sockets on Linux).
 
 import collections
