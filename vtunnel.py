@@ -72,8 +72,8 @@ unavailable), 2 bad command line or config.
 #
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
 # family subclasses Transport (family, listen_address, dial_address; refuses, if it can tell who
-# dialled). The pump asks of a stream only
-# recv, sendall, shutdown, settimeout and close (and splices between gevent sockets on Linux).
+# dialled). The pump asks of a stream only recv, sendall, shutdown, settimeout and close (and splices
+# between gevent sockets on Linux).
 
 import collections
 import errno
