@@ -189,6 +189,7 @@ class Tunnel:
     connect_timeout: float = CONNECT_TIMEOUT
     idle_timeout: float = None  # None: connections may idle forever
     leg_secret: object = None  # vtunnel_trust.LegSecret: each leg proves both ends hold it
+    proxy_protocol: str = None  # "v2": the upstream is told the client's address (a PROXY v2 header)
     line: int = field(default=0, compare=False)  # where the entry is: moving it changes no tunnel
 
     @property
@@ -287,6 +288,12 @@ def _leg_secret_file(value):
         return vtunnel_trust.LegSecret(_text(value))
     except vtunnel_trust.LegSecretError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _proxy_protocol(value):
+    if value != "v2":
+        raise ValueError(f"expected v2 (PROXY protocol version 2, binary), got {_show(value)}")
+    return value
 
 
 def _host(value):
@@ -397,6 +404,7 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "connect-timeout": ("connect_timeout", _seconds, CONNECT_TIMEOUT),
     "idle-timeout": ("idle_timeout", _seconds, None),
     "leg-secret-file": ("leg_secret", _leg_secret_file, None),
+    "upstream-proxy-protocol": ("proxy_protocol", _proxy_protocol, None),
     "vsock-peer-port": ("vsock_peer_port", _vsock_port, None),
     "host-listen-address": ("host_listen_address", parse_upstream, None),
     "host-socket-mode": ("host_socket_mode", _file_mode, None),
@@ -2632,6 +2640,8 @@ class Role:
                     stats.refused[exc.reason] += 1
                     abort(leg)
                     raise ConnectionRefusedError(errno.ECONNREFUSED, f"leg refused: {exc}") from None
+            if tunnel.proxy_protocol:  # for the other end to tell the upstream
+                leg.sendall(vtunnel_trust.proxy_header(client_addresses(client)))
             return leg
         relay(tunnel, stats, number, client, dial_leg, "client", f"from {source}", leg_is_near=False)
 
@@ -2643,12 +2653,15 @@ class Role:
                 raise vtunnel_trust.LegRefused("foreign cid", f"{problem}: the {self.other_end} is not there")
             if tunnel.leg_secret:
                 self.prove(tunnel, leg, vtunnel_trust.prove_as_acceptor)
+            header = tunnel.proxy_protocol and self.client_header(tunnel, leg, address)
         except vtunnel_trust.LegRefused as exc:
             self.refuse(tunnel, stats, leg, address, exc)
             return
 
         def dial_upstream(timeout):
             upstream = tunnel.upstream.connect(timeout)
+            if header:
+                upstream.sendall(header)
             if not tunnel.leg_secret and opens_with_the_leg_exchange(leg):
                 upstream.close()
                 stats.refused["no secret here"] += 1
@@ -2657,6 +2670,24 @@ class Role:
             return upstream
         relay(tunnel, stats, self.service.connection_ids.accepted(address), leg, dial_upstream,
               self.other_end, f"to {tunnel.upstream}", leg_is_near=True)
+
+    def client_header(self, tunnel, leg, address):
+        """The PROXY v2 header for the upstream: the client's addresses, read from the leg (within the
+        connect-timeout), with the tunnel's name and, at the host, the VM's identity as TLVs."""
+        try:
+            with gevent.Timeout(tunnel.connect_timeout):
+                command, family, block = vtunnel_trust.read_proxy_header(leg)
+        except gevent.Timeout:
+            raise vtunnel_trust.LegRefused("no client address", "the client's address did not come on the leg "
+                                           f"within {tunnel.connect_timeout:g}s (connect-timeout)") from None
+        except OSError as exc:
+            raise vtunnel_trust.LegRefused("no client address", f"reading the client's address on the leg: "
+                                           f"{_reason(exc)}") from None
+        tlvs = [(vtunnel_trust.TLV_TUNNEL, tunnel.name.encode())]
+        if self.end == "host" and isinstance(self.transport, (VsockTransport, HyperVTransport)):
+            kind = "cid" if isinstance(self.transport, VsockTransport) else "hyperv"
+            tlvs.append((vtunnel_trust.TLV_VM, f"{kind}:{address[0]}".encode()))
+        return vtunnel_trust.proxy_header_from(command, family, block, tlvs)
 
     def prove(self, tunnel, leg, half):
         """One half of the leg exchange (vtunnel_trust), within the tunnel's connect-timeout."""
@@ -2699,7 +2730,8 @@ class Peer(Role):
     def part(tunnel):
         """The keys the peer uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.upstream if tunnel.reverse else
-                tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret)
+                tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret,
+                tunnel.proxy_protocol)
 
     def listening(self):
         return sum(run.up for run in self.service.runs.values() if run.end == self.end)
@@ -2753,7 +2785,8 @@ class Host(Role):
     def part(tunnel):
         """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.host_listen if tunnel.reverse else
-                tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret)
+                tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret,
+                tunnel.proxy_protocol)
 
     def status(self):
         runs = [run for run in self.service.runs.values() if run.end == self.end]
@@ -2859,6 +2892,18 @@ def exchange_hint(tunnel, pump, leg_is_near):
         return ""
     return ("; the leg carried just the size of a leg-exchange hello: if the other end has a leg-secret-file, this "
             "end has no leg-secret-file: set it, to the same secret, at both ends")
+
+
+def client_addresses(sock):
+    """(family, the client's address, the address it connected to) of an accepted client, or None
+    where there are none to tell (a named pipe)."""
+    family = getattr(sock, "family", None)
+    if family not in (socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None)) or family is None:
+        return None
+    try:
+        return family, sock.getpeername(), sock.getsockname()
+    except OSError:
+        return None
 
 
 def opens_with_the_leg_exchange(leg):

@@ -1,4 +1,5 @@
-"""Who may use a tunnel leg: with `leg-secret-file`, only a holder of the shared secret, at either end.
+"""Who may use a tunnel leg: with `leg-secret-file`, only a holder of the shared secret, at either end;
+and who the client is: with `upstream-proxy-protocol: v2`, a PROXY v2 header for the upstream (at the end).
 
 The leg is the connection between the two vtunnels (AF_VSOCK, AF_HYPERV, or the emulated tcp: and
 unix: transports). Which machine may dial it at all is the transport's business (vtunnel.py checks
@@ -25,6 +26,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
 import stat
 import struct
 import sys
@@ -172,3 +174,58 @@ class RefusalLog:
         refused = 1 + (entry[1] if entry else 0)
         self.last[(source, reason)] = [now, 0]
         return refused
+
+
+# ---- Who the client is: PROXY protocol v2 (HAProxy's specification), for the upstream ----
+#
+# With `upstream-proxy-protocol: v2`, the end that accepted the client sends its addresses on the leg as a
+# PROXY v2 header (after the leg exchange, if any); the other end reads it and, once it has dialled the
+# upstream, sends the upstream the same addresses with its own TLVs: the tunnel's name (TLV_TUNNEL) and,
+# where it knows it, the VM side's identity (TLV_VM: "cid:N", "hyperv:GUID").
+
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_LOCAL, PROXY_PROXY = 0x20, 0x21  # version 2, and the command
+PROXY_FAMILIES = {0x00: 0, 0x11: 12, 0x21: 36, 0x31: 216}  # UNSPEC, TCP over IPv4, over IPv6, UNIX stream
+TLV_TUNNEL, TLV_VM = 0xE0, 0xE1  # in the range the specification leaves to applications
+LONGEST_PROXY_HEADER = 16 + 216 + 1024
+
+
+def proxy_header(addresses, tlvs=()):
+    """A PROXY v2 header. `addresses` is (family, source, destination) as socket calls give them (an
+    AF_INET or AF_INET6 (host, port, ...), or an AF_UNIX path), or None: a LOCAL header (no client
+    address, as for a named-pipe client)."""
+    command, family, block = PROXY_LOCAL, 0x00, b""
+    if addresses is not None:
+        command, (family, block) = PROXY_PROXY, _address_block(*addresses)
+    return proxy_header_from(command, family, block, tlvs)
+
+
+def _address_block(family, source, destination):
+    if family in (socket.AF_INET, socket.AF_INET6):
+        packed = [socket.inet_pton(family, address[0]) for address in (source, destination)]
+        ports = struct.pack(">HH", source[1], destination[1])
+        return (0x11 if family == socket.AF_INET else 0x21), packed[0] + packed[1] + ports
+    paths = [(path if isinstance(path, bytes) else (path or "").encode())[:108].ljust(108, b"\0")
+             for path in (source, destination)]
+    return 0x31, paths[0] + paths[1]
+
+
+def proxy_header_from(command, family, block, tlvs=()):
+    """A header from its parts: the command and family bytes, the address block, and (type, bytes) TLVs."""
+    extra = b"".join(struct.pack(">BH", kind, len(value)) + value for kind, value in tlvs)
+    return PROXY_SIGNATURE + struct.pack(">BBH", command, family, len(block) + len(extra)) + block + extra
+
+
+def read_proxy_header(stream):
+    """(command, family, address block) of the PROXY v2 header a leg starts with; raises LegRefused."""
+    start = _read_exactly(stream, 16)
+    if len(start) < 16 or not start.startswith(PROXY_SIGNATURE):
+        raise LegRefused("no client address", "the leg did not start with the client's address (a PROXY v2 "
+                                              "header): is upstream-proxy-protocol set at both ends?")
+    command, family, length = struct.unpack(">BBH", start[12:])
+    rest = _read_exactly(stream, length) if length <= LONGEST_PROXY_HEADER else b""
+    if command not in (PROXY_LOCAL, PROXY_PROXY) or family not in PROXY_FAMILIES or len(rest) != length \
+            or length < PROXY_FAMILIES[family]:
+        raise LegRefused("no client address", f"the client's address on the leg is not a PROXY v2 header vtunnel "
+                                              f"sends (command {command:#x}, family {family:#x}, {length} bytes)")
+    return command, family, rest[:PROXY_FAMILIES[family]]
