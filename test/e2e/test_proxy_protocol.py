@@ -252,3 +252,33 @@ def test_a_leg_without_the_clients_address_is_refused_before_the_upstream(tmp_pa
         peer.stop()
         host.stop()
         recorder.stop()
+
+
+@needs_nginx
+def test_nginx_takes_a_unix_socket_clients_header(tmp_path):
+    """A peer-socket client: the header has the AF_UNIX form, which nginx accepts; it logs no address for
+    it ("- -"), having none of an IP to show (the hand-parsed test above checks the paths)."""
+    nginx = Nginx(tmp_path)
+    entry = tunnel_entry("web", nginx.port)
+    del entry["peer-address"], entry["peer-port"]
+    entry.update({"peer-socket": f"{socket_dir()}/client.sock", "upstream-proxy-protocol": "v2"})
+    config = write_config(tmp_path, [entry])
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    host = Vtunnel("host", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    try:
+        host.wait_for_log("web: listening on")
+        wait_until(lambda: os.path.exists(entry["peer-socket"]), what="the peer's socket")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(entry["peer-socket"])
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            answer = b""
+            while data := sock.recv(4096):
+                answer += data
+        assert answer.endswith(b"ok\n"), answer
+        wait_until(lambda: nginx.clients, what="nginx's access log")
+        assert nginx.clients == ["- -"]
+    finally:
+        peer.stop()
+        host.stop()
+        nginx.stop()
