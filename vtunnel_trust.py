@@ -101,7 +101,8 @@ def _mac(key, label, port, dialler_nonce, acceptor_nonce):
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
-def _read_exactly(stream, size):
+def read_exactly(stream, size):
+    """Up to `size` bytes from a stream; fewer only if it ends first."""
     data = b""
     while len(data) < size:
         chunk = stream.recv(size - len(data))
@@ -115,16 +116,16 @@ def prove_as_dialler(stream, key, port):
     """The dialling end's half of the exchange; raises LegRefused unless the acceptor holds `key`."""
     dialler_nonce = secrets.token_bytes(NONCE_SIZE)
     stream.sendall(MAGIC + dialler_nonce)
-    magic = _read_exactly(stream, len(MAGIC))
+    magic = read_exactly(stream, len(MAGIC))
     if not magic:
         raise LegRefused("no answer", f"the other end closed the leg without answering the leg exchange: {HINT}")
     if magic != MAGIC:
         raise LegRefused("no exchange", f"the other end answered something else than the leg exchange: {HINT}")
-    acceptor_nonce = _read_exactly(stream, NONCE_SIZE)
+    acceptor_nonce = read_exactly(stream, NONCE_SIZE)
     if acceptor_nonce == dialler_nonce:  # our own hello, echoed: the other end passes bytes on unchecked
         raise LegRefused("no exchange", f"the other end sent this end's hello back, as an end without a secret "
                                         f"that carries the leg to an echoing upstream does: {HINT}")
-    acceptor_mac = _read_exactly(stream, MAC_SIZE)
+    acceptor_mac = read_exactly(stream, MAC_SIZE)
     if not hmac.compare_digest(acceptor_mac, _mac(key, b"acceptor", port, dialler_nonce, acceptor_nonce)):
         raise LegRefused("wrong secret", "the other end does not hold this leg secret (another secret, or a "
                                          "process squatting on the port): it got no byte of the connection")
@@ -133,15 +134,15 @@ def prove_as_dialler(stream, key, port):
 
 def prove_as_acceptor(stream, key, port):
     """The accepting end's half; raises LegRefused unless the dialler holds `key`."""
-    magic = _read_exactly(stream, len(MAGIC))  # first alone: a client's bytes are refused at once
+    magic = read_exactly(stream, len(MAGIC))  # first alone: a client's bytes are refused at once
     if not magic:
         raise LegRefused("no exchange", "the leg closed before the leg exchange")
     if magic != MAGIC:
         raise LegRefused("no exchange", f"the leg did not open with the leg exchange: {HINT} (the Go vtunnel "
                                         "has none)")
-    dialler_nonce, acceptor_nonce = _read_exactly(stream, NONCE_SIZE), secrets.token_bytes(NONCE_SIZE)
+    dialler_nonce, acceptor_nonce = read_exactly(stream, NONCE_SIZE), secrets.token_bytes(NONCE_SIZE)
     stream.sendall(MAGIC + acceptor_nonce + _mac(key, b"acceptor", port, dialler_nonce, acceptor_nonce))
-    dialler_mac = _read_exactly(stream, MAC_SIZE)
+    dialler_mac = read_exactly(stream, MAC_SIZE)
     if not dialler_mac:
         raise LegRefused("no exchange", f"the dialler left the leg exchange (it found this end's proof wrong): {HINT}")
     if not hmac.compare_digest(dialler_mac, _mac(key, b"dialler", port, dialler_nonce, acceptor_nonce)):
@@ -218,12 +219,12 @@ def proxy_header_from(command, family, block, tlvs=()):
 
 def read_proxy_header(stream):
     """(command, family, address block) of the PROXY v2 header a leg starts with; raises LegRefused."""
-    start = _read_exactly(stream, 16)
+    start = read_exactly(stream, 16)
     if len(start) < 16 or not start.startswith(PROXY_SIGNATURE):
         raise LegRefused("no client address", "the leg did not start with the client's address (a PROXY v2 "
                                               "header): is upstream-proxy-protocol set at both ends?")
     command, family, length = struct.unpack(">BBH", start[12:])
-    rest = _read_exactly(stream, length) if length <= LONGEST_PROXY_HEADER else b""
+    rest = read_exactly(stream, length) if length <= LONGEST_PROXY_HEADER else b""
     if command not in (PROXY_LOCAL, PROXY_PROXY) or family not in PROXY_FAMILIES or len(rest) != length \
             or length < PROXY_FAMILIES[family]:
         raise LegRefused("no client address", f"the client's address on the leg is not a PROXY v2 header vtunnel "

@@ -438,3 +438,28 @@ def test_a_thread_splices_where_the_loop_spliced_and_copies_where_it_copied(monk
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
     expected = vtunnel.ThreadSplice if path.endswith("splice") else vtunnel.ThreadCopy
     assert movers and set(movers) == {expected}
+
+
+def test_bulk_directions_take_turns_at_the_threads(monkeypatch):
+    """More bulk directions than threads: a thread hands its direction back after OFF_LOOP_SLICE while
+    another waits, so each gets turns (held for good, the first 32 of 100 iperf3 streams left the
+    slowest of the rest at 0.35 of the mean). Every byte still arrives."""
+    monkeypatch.setattr(vtunnel.OFF_LOOP, "threads", 1)
+    monkeypatch.setattr(vtunnel, "OFF_LOOP_SLICE", 0.02)
+    outcomes, real = [], vtunnel.carry_in_thread
+    monkeypatch.setattr(vtunnel, "carry_in_thread", lambda *args: outcomes.append(real(*args)) or outcomes[-1])
+    pairs = [(tcp_pair(), tcp_pair()) for _ in range(2)]
+    data = os.urandom(128 * 1024 * 1024)
+    running, received = [], []
+    for (client, left), (right, server) in pairs:
+        running.append(gevent.spawn(Pump(left, right).run))
+        gevent.spawn(lambda c=client: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
+        received.append(gevent.spawn(read_all, server))
+    digests = [hashlib.sha256(r.get(timeout=60)).digest() for r in received]
+    assert digests == [hashlib.sha256(data).digest()] * 2
+    assert "turn over" in outcomes, outcomes
+    for (client, _), (_, server) in pairs:
+        client.close()
+        server.close()
+    for pump in running:
+        pump.get(timeout=10)

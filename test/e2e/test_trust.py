@@ -3,6 +3,7 @@ and, in the throwaway guest, real AF_VSOCK: the right secret is carried both way
 reverse; a missing or different secret, a squatter on the peer's port and a loose secret file are
 refused, each with a log line that names the cause, and nothing is dialled."""
 
+import contextlib
 import os
 import re
 import socket
@@ -93,45 +94,43 @@ def refused_at_the_client(port, request=b"a request"):
             return "reset"
 
 
-@pytest.mark.parametrize("mode", TRANSPORTS)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_a_secret_at_the_dialling_end_only_fails_every_leg_and_both_logs_say_why(tmp_path, reverse, mode):
+@contextlib.contextmanager
+def one_end_with_the_secret(tmp_path, mode, reverse, holder):
+    """A tunnel whose `holder` ("dialler" or "acceptor" of the legs) alone has leg-secret-file:
+    yields (the client's port, the dialling end, the accepting end, the upstream)."""
     upstream = echo_server()
     keys = {"leg-secret-file": write_secret(tmp_path / "leg.secret")}
-    entry, peer, host = two_ends(tmp_path, {} if reverse else keys, keys if reverse else {}, upstream.port,
-                                 mode, reverse=reverse)
-    dialler, acceptor = (host, peer) if reverse else (peer, host)
+    peer_has_it = (holder == "dialler") != reverse  # forward, the peer dials the legs; reverse, the host
+    entry, peer, host = two_ends(tmp_path, keys if peer_has_it else {}, {} if peer_has_it else keys,
+                                 upstream.port, mode, reverse=reverse)
     try:
-        assert refused_at_the_client(client_port(entry)) in ("reset", "eof")
-        dialler.wait_for_log("is leg-secret-file set, to the same secret, at both ends?")
-        assert "unreachable: leg refused: " in dialler.log
-        acceptor.wait_for_log("this end has no leg-secret-file: set it, to the same secret, at both ends")
+        yield client_port(entry), *((host, peer) if reverse else (peer, host)), upstream
     finally:
         peer.stop()
         host.stop()
         upstream.stop()
         print(f"--- peer:\n{peer.log}\n--- host:\n{host.log}")  # shown when the test failed
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_a_secret_at_the_dialling_end_only_fails_every_leg_and_both_logs_say_why(tmp_path, reverse, mode):
+    with one_end_with_the_secret(tmp_path, mode, reverse, "dialler") as (port, dialler, acceptor, _):
+        assert refused_at_the_client(port) in ("reset", "eof")
+        dialler.wait_for_log("is leg-secret-file set, to the same secret, at both ends?")
+        assert "unreachable: leg refused: " in dialler.log
+        acceptor.wait_for_log("this end has no leg-secret-file: set it, to the same secret, at both ends")
 
 
 @pytest.mark.parametrize("mode", TRANSPORTS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_a_secret_at_the_accepting_end_only_refuses_every_leg_before_the_upstream(tmp_path, reverse, mode):
-    upstream = echo_server()
-    keys = {"leg-secret-file": write_secret(tmp_path / "leg.secret")}
-    entry, peer, host = two_ends(tmp_path, keys if reverse else {}, {} if reverse else keys, upstream.port,
-                                 mode, reverse=reverse)
-    dialler, acceptor = (host, peer) if reverse else (peer, host)
-    try:
-        assert refused_at_the_client(client_port(entry)) in ("reset", "eof")
+    with one_end_with_the_secret(tmp_path, mode, reverse, "acceptor") as (port, dialler, acceptor, upstream):
+        assert refused_at_the_client(port) in ("reset", "eof")
         acceptor.wait_for_log("refused a leg from")
         assert "the leg did not open with the leg exchange: is leg-secret-file set" in acceptor.log
         wait_until(lambda: "failed (" in dialler.log, what="the dialler's line")
         assert upstream.accepted == 0, "the upstream was never dialled"
-    finally:
-        peer.stop()
-        host.stop()
-        upstream.stop()
-        print(f"--- peer:\n{peer.log}\n--- host:\n{host.log}")  # shown when the test failed
 
 
 @pytest.mark.parametrize("mode", TRANSPORTS)
