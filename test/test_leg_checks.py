@@ -233,3 +233,23 @@ def test_a_unix_transport_leg_socket_admits_its_owner_only(tmp_path):
     finally:
         listener.close()
         transport.close_listener(5)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_thousand_legs_without_the_secret_leave_no_descriptor_and_one_log_line(secret_file, caplog):
+    """Strangers dialling a leg that needs the secret: each refused before the upstream, counted, one
+    line for them all, and no descriptor kept."""
+    upstream = Upstream()
+    tunnel = tunnel_to(upstream.server.server_port, secret=secret_file)
+    host = Host(vtunnel.TcpTransport("127.0.0.1"), Service())
+    stats = Stats(tunnel.name, "host", "upstream")
+    before = open_descriptors()
+    for attempt in range(1000):
+        leg, stranger = gevent.socket.socketpair()
+        stranger.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not the leg exchange
+        host.carry_leg(tunnel, stats, leg, ("127.0.0.1", 6000 + attempt))
+        stranger.close()
+    gevent.sleep(0.1)
+    assert open_descriptors() <= before
+    assert upstream.dialled == 0 and stats.refused == {"no exchange": 1000}
+    assert len([r for r in caplog.records if "refused a leg" in r.getMessage()]) == 1

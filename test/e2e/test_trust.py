@@ -237,3 +237,45 @@ def test_a_secret_file_others_can_read_stops_the_start_with_where_and_why(tmp_pa
     secret.chmod(0o600)
     code, out, err = run_vtunnel("check", "--config-path", config)
     assert code == 0 and out.splitlines()[1].split()[-1] == "secret", out
+
+
+class Recording:
+    """A socket whose sent bytes are kept: what an eavesdropper on the leg records."""
+
+    def __init__(self, sock):
+        self.sock, self.sent = sock, []
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+        self.sock.sendall(data)
+
+
+def test_a_recorded_leg_replayed_to_a_running_host_is_refused(tmp_path):
+    """tcp: legs admit any local process. One that holds the secret opens a good leg, recorded; the
+    recording sent again on a new leg is refused, and the upstream sees only the first."""
+    import vtunnel_trust
+    upstream = echo_server()
+    secret = write_secret(tmp_path / "leg.secret")
+    entry, peer, host = two_ends(tmp_path, {"leg-secret-file": secret}, {"leg-secret-file": secret},
+                                 upstream.port)
+    leg_address = ("127.0.0.1", entry["vsock-host-port"])
+    try:
+        with socket.create_connection(leg_address, timeout=30) as leg:
+            recorded = Recording(leg)
+            vtunnel_trust.prove_as_dialler(recorded, vtunnel_trust.LegSecret(secret).key(), entry["vsock-host-port"])
+            recorded.sendall(b"a request")
+            leg.shutdown(socket.SHUT_WR)
+            assert how_it_ended(leg) == ("eof", b"a request")  # echoed: a good leg
+        with socket.create_connection(leg_address, timeout=30) as replay:
+            replay.sendall(b"".join(recorded.sent))
+            assert how_it_ended(replay)[0] in ("reset", "eof")
+        host.wait_for_log("refused a leg from 127.0.0.1: the dialler does not hold this leg secret (another "
+                          "secret, or a replayed exchange)")
+        assert upstream.accepted == 1
+    finally:
+        peer.stop()
+        host.stop()
+        upstream.stop()
