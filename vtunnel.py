@@ -24,7 +24,7 @@ Commands:
 Options:
   --config-path PATH   the YAML file with the 'tunnel:' list.
   --vsock TRANSPORT    how vsock ports are reached: vsock, vsock:CID, hyperv,
-                       tcp:HOST or unix:PREFIX [default: vsock on Linux,
+                       tcp:IP or unix:PREFIX [default: vsock on Linux,
                        hyperv on Windows]. Who may dial a leg: vsock, only
                        the other end's CID (2, or CID); hyperv, only the
                        served VM; tcp:, any local process; unix:, the owner
@@ -97,19 +97,25 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
-import gevent
-import gevent.event
-import gevent.lock
-import gevent.pool
-import gevent.pywsgi
-import gevent.server
-import gevent.socket
-import gevent.threadpool
-import greenlet
-import yaml
+try:
+    import gevent
+    import gevent.event
+    import gevent.lock
+    import gevent.pool
+    import gevent.pywsgi
+    import gevent.server
+    import gevent.socket
+    import gevent.threadpool
+    import greenlet
+    import yaml
 
-import vtunnel_npipe
-import vtunnel_trust
+    import vtunnel_npipe
+    import vtunnel_trust
+except ModuleNotFoundError as exc:  # `python3 vtunnel.py` with a Python outside vtunnel's venv: one line
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"vtunnel: this Python ({sys.executable}) has no module {exc.name!r}: run vtunnel with the Python "
+             "of the venv it is installed in, or install what it needs: pip install gevent pyyaml docopt-ng")
 
 if sys.platform.startswith("linux"):
     import fcntl  # splice's pipe sizes, and unsent_bytes
@@ -495,11 +501,11 @@ def parse_config(text, path="<config>"):
         if loader:
             loader.dispose()
     errors = [f"{path}:{line}: not valid YAML: {problem}" for line, problem in loader.problems]
-    tunnels = _read_document(document, path, errors)
-    _check_unique(tunnels, path, errors)
+    entries = _read_document(document, path, errors)
+    _check_unique(entries, path, errors)  # the invalid entries too: every problem at once
     if errors:
         raise ConfigError(errors)
-    return tunnels
+    return entries
 
 
 def _read_document(document, path, errors):
@@ -516,7 +522,7 @@ def _read_document(document, path, errors):
                       f"got {_show(entries) if entries != [] else 'an empty list'}")
         return []
     return [tunnel for index, entry in enumerate(entries)
-            if (tunnel := _read_tunnel(entry, index, entries.item_lines[index], path, errors))]
+            if (tunnel := _read_tunnel(entry, index, entries.item_lines[index], path, errors)) is not None]
 
 
 def _read_tunnel(entry, index, line, path, errors):
@@ -551,8 +557,8 @@ def _read_tunnel(entry, index, line, path, errors):
             problems.append((line, "missing key 'vsock-host-port'"))
         fields["peer"] = _read_peer(entry, ends, line, problems)
     errors.extend(f"{path}:{at}: {label}: {problem}" for at, problem in sorted(problems))
-    if problems:
-        return None
+    if problems:  # no Tunnel, but what it claims still meets the others' claims (_check_unique)
+        return Claims(fields.get("name"), line, _claims({**fields, **ends}))
     return Tunnel(line=line, **fields)
 
 
@@ -593,7 +599,9 @@ def _read_peer(entry, fields, line, problems):
     `fields` holds the four keys' values, converted; returns the endpoint they make."""
     tcp = [key for key in ("peer-address", "peer-port") if key in entry]
     unix = [key for key in ("peer-socket", "peer-socket-mode") if key in entry]
-    if tcp and unix:
+    if tcp and unix == ["peer-socket-mode"]:
+        problems.append((line, "peer-socket-mode goes with peer-socket, not with peer-address and peer-port"))
+    elif tcp and unix:
         problems.append((line, f"give either peer-address and peer-port, or peer-socket, not both "
                                f"(found {', '.join(tcp + unix)})"))
     elif unix:
@@ -609,26 +617,40 @@ def _read_peer(entry, fields, line, problems):
     return None
 
 
-def _check_unique(tunnels, path, errors):
-    def clash(what, seen, key, tunnel):
-        if key in seen:
-            errors.append(f"{path}:{tunnel.line}: tunnel {tunnel.name!r}: {what} "
-                          f"is already used by tunnel {seen[key].name!r} (line {seen[key].line})")
-        seen.setdefault(key, tunnel)
+@dataclass(frozen=True)
+class Claims:
+    """What an entry with problems claims that no other entry may (its Tunnel was not made)."""
+    name: object
+    line: int
+    claims: tuple
 
-    names, vsock_ports, peers, host_listens = {}, {}, {}, {}
-    for tunnel in tunnels:
-        clash(f"name {tunnel.name!r}", names, tunnel.name, tunnel)
-        clash(f"handshake-port {tunnel.handshake_port}", vsock_ports, tunnel.handshake_port, tunnel)
-        if tunnel.reverse:
-            clash(f"vsock-peer-port {tunnel.vsock_peer_port}", vsock_ports, tunnel.vsock_peer_port, tunnel)
-            clash(f"host-listen-address {tunnel.host_listen}", host_listens, str(tunnel.host_listen), tunnel)
-        else:
-            clash(f"vsock-host-port {tunnel.vsock_host_port}", vsock_ports, tunnel.vsock_host_port, tunnel)
-            if isinstance(tunnel.peer, TcpEndpoint):
-                clash(f"peer-port {tunnel.peer.port}", peers, tunnel.peer.port, tunnel)
-            else:
-                clash(f"peer-socket {tunnel.peer.path}", peers, tunnel.peer.path, tunnel)
+
+def _claims(values):
+    """(what, key) pairs an entry claims, from its converted values (None where a key was missing or bad)."""
+    pairs = [(f"name {values.get('name')!r}", ("name", values.get("name"))),
+             (f"handshake-port {values.get('handshake_port')}", ("vsock", values.get("handshake_port")))]
+    for key, attr in (("vsock-host-port", "vsock_host_port"), ("vsock-peer-port", "vsock_peer_port")):
+        pairs.append((f"{key} {values.get(attr)}", ("vsock", values.get(attr))))
+    peer = values.get("peer")
+    port = peer.port if isinstance(peer, TcpEndpoint) else values.get("peer_port")
+    path = peer.path if isinstance(peer, UnixEndpoint) else values.get("peer_socket")
+    pairs += [(f"peer-port {port}", ("peer", port)), (f"peer-socket {path}", ("peer", path))]
+    listen = values.get("host_listen") or values.get("host_listen_address")
+    pairs.append((f"host-listen-address {listen}", ("host-listen", str(listen) if listen else None)))
+    return tuple((what, key) for what, key in pairs if key[1] is not None)
+
+
+def _check_unique(entries, path, errors):
+    seen = {}
+    for entry in entries:
+        claims = entry.claims if isinstance(entry, Claims) else _claims(vars(entry))
+        for what, key in claims:
+            if not isinstance(key[1], (int, str)):
+                continue  # a bad value: its own error says so
+            if key in seen:
+                errors.append(f"{path}:{entry.line}: tunnel {entry.name!r}: {what} "
+                              f"is already used by tunnel {seen[key].name!r} (line {seen[key].line})")
+            seen.setdefault(key, entry)
 
 
 # --------------------------------------------------------------------------
@@ -2338,7 +2360,7 @@ class Service:
         self.stopping.wait()
         self.greenlets.kill()
         self._drain()
-        self.log_stats()
+        self.log_stats(logging.WARNING)  # the totals, even at --log-level warning
         if self.fatal:
             log.error("%s", self.fatal)
             return EXIT_FAILURE
@@ -2350,7 +2372,7 @@ class Service:
         before any listener opens."""
         handlers = {signal.SIGINT: self._on_stop_signal, signal.SIGTERM: self._on_stop_signal}
         if hasattr(signal, "SIGUSR1"):
-            handlers[signal.SIGUSR1] = lambda signum: self.log_stats()
+            handlers[signal.SIGUSR1] = lambda signum: self.log_stats(logging.WARNING)  # asked for: shown
         if hasattr(signal, "SIGHUP"):
             handlers[signal.SIGHUP] = self._on_reload_signal
         for signum, handler in handlers.items():
@@ -2375,11 +2397,11 @@ class Service:
             log.info("%s again: ending open connections now", name)
             self.hurry.set()
 
-    def log_stats(self):
+    def log_stats(self, level=logging.INFO):
         for stats in self.stats:
-            log.info("%s", stats.line())
-        log.info("process: %d greenlets, %s file descriptors (%d in spare splice pipes)", count_greenlets(),
-                 count_descriptors(), 2 * len(PIPES.idle))
+            log.log(level, "%s", stats.line())
+        log.log(level, "process: %d greenlets, %s file descriptors (%d in spare splice pipes)", count_greenlets(),
+                count_descriptors(), 2 * len(PIPES.idle))
 
     def _log_stats_every(self, interval):
         while True:
@@ -2619,7 +2641,8 @@ def _pump_and_log(tunnel, stats, conn_id, near, far, near_name, where, leg_is_ne
             exc = pump.failure[1]
             hint = exchange_hint(tunnel, pump, leg_is_near)
             result = f"failed ({failed_end(pump, near_name, stats.far_name)}: {_reason(exc)}{hint})"
-        log.info("%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
+        level = logging.WARNING if pump.failure else logging.INFO  # a failure shows at --log-level warning
+        log.log(level, "%s #%d %s after %.3fs: %d bytes to %s, %d bytes back", tunnel.name, conn_id, result,
                  pump.elapsed, pump.sent[0], stats.far_name, pump.sent[1])
 
 
@@ -3144,6 +3167,8 @@ def _usage_problem(argv, message):
         problem = f"vtunnel {command} needs --config-path PATH, the YAML file with the tunnels"
     elif command != "host" and "--vm-id" in argv:
         problem = "--vm-id names the VM a Hyper-V host serves: it goes with vtunnel host only"
+    elif command == "local" and any(word.split("=")[0] == "--vsock" for word in argv):
+        problem = "vtunnel local takes no --vsock: its two ends always meet over tcp:127.0.0.1"
     else:
         first = message.partition("\n")[0]
         unmatched = re.findall(r"\w+\(None, '([^']+)'", first)
@@ -3279,6 +3304,10 @@ def main(argv=None):
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+    except ModuleNotFoundError as exc:  # docopt, imported when the command line is read
+        print(f"vtunnel: this Python ({sys.executable}) has no module {exc.name!r}: pip install docopt-ng",
+              file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def main_exit():

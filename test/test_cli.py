@@ -26,6 +26,7 @@ def test_version_and_help():
     assert code == 0 and out.startswith("vtunnel ")
     code, out, _ = run_vtunnel("--help")
     assert code == 0 and "vtunnel peer" in out and "--vsock TRANSPORT" in out
+    assert "tcp:IP or unix:PREFIX" in out  # a host name is refused there: the help says so
 
 
 def test_check_prints_the_tunnels(tmp_path):
@@ -66,6 +67,8 @@ def test_check_warns_about_what_the_ends_would_refuse_or_warn_about_here(tmp_pat
      "--vm-id picks a Hyper-V VM: it goes with --vsock hyperv, not tcp:127.0.0.1"),
     (["host", "--config-path", str(ROOT / "config.yaml"), "--vm-id", "xyz"], "--vm-id xyz: expected a VM GUID"),
     (["peer", "--config-path", "x", "--frob"], "bad command line: unexpected or incomplete: --frob"),
+    (["local", "--config-path", "x", "--vsock", "tcp:127.0.0.1"], "bad command line: vtunnel local takes no --vsock: "
+                                                                  "its two ends always meet over tcp:127.0.0.1"),
     (["check", "--config-path", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read the config: no such file"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--vsock", "carrier-pigeon"], "--vsock carrier-pigeon"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--log-level", "loud"], "--log-level loud"),
@@ -204,3 +207,20 @@ def test_check_shows_each_tunnel_s_direction_and_warns_about_a_reverse_tunnel_s_
         "vtunnel: warning: tunnel 'piped': a host here would refuse host-listen-address "
         f"npipe:////./pipe/docker_engine: named-pipe listeners need Windows; this is {sys.platform}",
     ]
+
+
+@pytest.mark.parametrize("script, module, expected", [
+    ("vtunnel.py", "gevent", "vtunnel: this Python ({}) has no module 'gevent': run vtunnel with the Python of"),
+    ("vtunnel.py", "yaml", "vtunnel: this Python ({}) has no module 'yaml': run vtunnel with the Python of"),
+    ("vtunnel.py", "docopt", "vtunnel: this Python ({}) has no module 'docopt': pip install docopt-ng"),
+    ("test/bench/bench.py", "gevent", "bench: this Python ({}) has no module 'gevent': run tox -e bench"),
+])
+def test_a_python_without_a_dependency_gets_one_line_not_a_traceback(script, module, expected):
+    """`python3 vtunnel.py` with a Python that lacks a dependency (the module hidden here): one line that
+    says which and what to do, exit 1."""
+    hide = f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = [{script!r}, '--help']; " \
+           f"runpy.run_path({script!r}, run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 1, done
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert done.stderr.startswith(expected.format(sys.executable)), done.stderr

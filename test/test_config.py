@@ -183,6 +183,24 @@ def test_duplicate_names_and_ports_are_reported_with_both_lines():
     assert any("peer-port 3030 is already used" in e for e in errors)
 
 
+def test_a_clash_is_reported_beside_the_other_problems_of_the_same_entry():
+    """Every problem at once: the second entry has a bad key and also clashes with the first; both
+    are told in one go, not the clash after the bad key is fixed (issue 28)."""
+    text = GOOD.replace("npipeTunnel", "tcpTunnel").replace("9091", "9090").replace(
+        "    upstream-server-address: npipe:////./pipe/my-upstream-server", "    idle-timeout: soon")
+    errors = errors_of(text)
+    assert any("key 'idle-timeout'" in e for e in errors), errors
+    assert any("missing key 'upstream-server-address'" in e for e in errors), errors
+    assert "c.yaml:8: tunnel 'tcpTunnel': name 'tcpTunnel' is already used by tunnel 'tcpTunnel' (line 2)" in errors
+    assert "c.yaml:8: tunnel 'tcpTunnel': handshake-port 9090 is already used by tunnel 'tcpTunnel' (line 2)" in errors
+
+
+def test_peer_socket_mode_beside_a_tcp_peer_says_what_it_goes_with():
+    error = one_error(GOOD.replace("    peer-port: 3030\n", "    peer-port: 3030\n    peer-socket-mode: '0660'\n", 1))
+    assert error == ("c.yaml:2: tunnel 'tcpTunnel': peer-socket-mode goes with peer-socket, not with peer-address "
+                     "and peer-port")
+
+
 def test_handshake_and_host_port_of_one_tunnel_must_differ():
     error = one_error(with_key("vsock-host-port", 9090))
     assert "vsock-host-port 9090 is already used by tunnel 'tcpTunnel'" in error
@@ -321,3 +339,23 @@ def test_an_sddl_that_lets_others_serve_the_pipe_or_rewrite_its_dacl_is_refused(
     requests; WRITE_DAC lets it rewrite who may: for the owner, SYSTEM and the administrators only."""
     problem = one_error(reverse("npipe:////./pipe/docker_engine", extra=f'    host-pipe-sddl: "{sddl}"\n'))
     assert "lets it create instances of the pipe" in problem and "0x12019b" in problem
+
+
+def test_every_path_key_expands_a_leading_tilde(monkeypatch, tmp_path):
+    """As the README says: peer-socket, a unix:// address and leg-secret-file take ~ for the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    secret = tmp_path / "leg.secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    tunnel = parse_config(textwrap.dedent("""\
+        tunnel:
+          - name: t
+            handshake-port: 1
+            vsock-host-port: 2
+            peer-socket: ~/agent.sock
+            upstream-server-address: unix://~/upstream.sock
+            leg-secret-file: ~/leg.secret
+        """), "c.yaml")[0]
+    assert tunnel.peer.path == f"{tmp_path}/agent.sock"
+    assert tunnel.upstream.path == f"{tmp_path}/upstream.sock"
+    assert tunnel.leg_secret.path == str(secret)

@@ -41,9 +41,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import gevent
-import gevent.pool
-import gevent.socket
+try:
+    import gevent
+    import gevent.pool
+    import gevent.socket
+except ModuleNotFoundError as exc:  # run by a Python outside the venv (tox -e bench makes one)
+    sys.exit(f"bench: this Python ({sys.executable}) has no module {exc.name!r}: run tox -e bench, or use the "
+             "Python of a venv with vtunnel's dependencies (pip install -e '.[test]')")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
