@@ -13,6 +13,16 @@ cd "$(dirname "$0")/.."
 say() { echo "newcomer: $*" >&2; }
 SYSTEM_PYTHON=/usr/bin/python3
 
+# The README's example listens on 3030 (the tunnel) and dials 4444 (its upstream): another program on either
+# would make the run fail for a reason that is not vtunnel's. Say so now, not after minutes of waiting.
+for port in 3030 4444; do
+  if [ -x "$SYSTEM_PYTHON" ] && ! "$SYSTEM_PYTHON" -c 'import socket, sys; socket.create_server(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    say "port $port on 127.0.0.1 is taken by another program, and the README's example needs it (3030: the"
+    say "tunnel, 4444: its upstream); stop that program, then run tox -e newcomer again"
+    exit 1
+  fi
+done
+
 if ! [ -x "$SYSTEM_PYTHON" ] || ! "$SYSTEM_PYTHON" -c "import venv, ensurepip" 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing python3-venv (the README's run command needs it on Debian and Ubuntu)"
@@ -40,6 +50,7 @@ cd "$work/tree"
 marker="through the tunnel, $$"
 echo "$marker" > marker.txt
 "${stock[@]}" bash -c "python3 -m http.server 4444 --bind 127.0.0.1" > "$work/upstream.log" 2>&1 &
+upstream=$!
 "${stock[@]}" bash -c "$run_command" > "$work/run.log" 2>&1 &
 running=$!
 fetch='import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:3030/marker.txt", timeout=5).read().decode().strip())'
@@ -49,6 +60,9 @@ for _ in $(seq 300); do  # pip downloads and installs first: up to 5 minutes
     break
   fi
   kill -0 "$running" 2>/dev/null || break  # the run command has ended: it failed
+  if ! kill -0 "$upstream" 2>/dev/null; then  # not the tunnel's fault: say what the upstream said
+    say "   the README's upstream (python3 -m http.server 4444) stopped:"; cat "$work/upstream.log" >&2; exit 1
+  fi
   sleep 1
 done
 if [ "${got:-}" != "$marker" ]; then
