@@ -511,6 +511,20 @@ def seed_server(answer=vtunnel.SEED_PHRASE):
     return server, server.listener.getsockname()[1]
 
 
+class Recording:
+    """A stream whose sent bytes are kept: what an eavesdropper on a leg records."""
+
+    def __init__(self, sock):
+        self.sock, self.sent = sock, []
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+        self.sock.sendall(data)
+
+
 def listening(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

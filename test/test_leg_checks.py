@@ -14,6 +14,7 @@ import pytest
 
 import vtunnel
 import vtunnel_trust
+from helpers import Recording
 from vtunnel import Host, Peer, Service, Stats, VsockTransport
 from vtunnel_trust import LegRefused, LegSecret, LegSecretError, prove_as_acceptor, prove_as_dialler
 
@@ -127,20 +128,6 @@ def test_the_same_secret_passes_both_ways_and_a_different_one_fails_both():
     assert exchange(b"k" * 32, b"k" * 32) == ("ok", "ok")
     assert exchange(b"k" * 32, b"j" * 32) == ("wrong secret", "no exchange")  # the dialler stops first
     assert exchange(b"k" * 32, b"k" * 32, port=8, acceptor_port=9) == ("wrong secret", "no exchange")
-
-
-class Recording:
-    """A socket whose sent bytes are kept: what an eavesdropper on the leg records."""
-
-    def __init__(self, sock):
-        self.sock, self.sent = sock, []
-
-    def recv(self, size):
-        return self.sock.recv(size)
-
-    def sendall(self, data):
-        self.sent.append(bytes(data))
-        self.sock.sendall(data)
 
 
 def test_a_recorded_exchange_replayed_to_the_acceptor_is_refused():

@@ -5,7 +5,7 @@ import re
 import socket
 import threading
 
-from helpers import Vtunnel, echo_server, how_it_ended, reset, tunnel_entry, wait_until, write_config
+from helpers import Vtunnel, echo_server, how_it_ended, listening, reset, tunnel_entry, wait_until, write_config
 
 
 def resetting_upstream():
@@ -31,7 +31,7 @@ def test_warning_keeps_failed_connections_and_the_totals_and_drops_clean_ones(tm
     vtunnel = Vtunnel("local", "--config-path", write_config(tmp_path, [failing, clean]), "--log-level", "warning",
                       log_dir=tmp_path)
     try:
-        wait_until(lambda: all(_listening(t["peer-port"]) for t in (failing, clean)), what="both tunnels")
+        wait_until(lambda: all(listening(t["peer-port"]) for t in (failing, clean)), what="both tunnels")
         with socket.create_connection(("127.0.0.1", clean["peer-port"]), timeout=30) as sock:
             sock.sendall(b"ping")
             sock.shutdown(socket.SHUT_WR)
@@ -50,11 +50,3 @@ def test_warning_keeps_failed_connections_and_the_totals_and_drops_clean_ones(tm
     # the totals at exit (the readiness probes went through the tunnels too: at least 1 each)
     assert re.search(r"WARNING stats failing \(host\): 0 open, [1-9]\d* total, .*failures: upstream", log), log
     assert re.search(r"WARNING stats clean \(peer\): 0 open, [1-9]\d* total, .*failures: none", log), log
-
-
-def _listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False

@@ -15,6 +15,7 @@ from test_failure_matrix import VSOCK_GUEST
 
 import vtunnel
 from helpers import (
+    Recording,
     Vtunnel,
     _next_vsock_port,
     echo_server,
@@ -237,20 +238,6 @@ def test_a_secret_file_others_can_read_stops_the_start_with_where_and_why(tmp_pa
     secret.chmod(0o600)
     code, out, err = run_vtunnel("check", "--config-path", config)
     assert code == 0 and out.splitlines()[1].split()[-1] == "secret", out
-
-
-class Recording:
-    """A socket whose sent bytes are kept: what an eavesdropper on the leg records."""
-
-    def __init__(self, sock):
-        self.sock, self.sent = sock, []
-
-    def recv(self, size):
-        return self.sock.recv(size)
-
-    def sendall(self, data):
-        self.sent.append(bytes(data))
-        self.sock.sendall(data)
 
 
 def test_a_recorded_leg_replayed_to_a_running_host_is_refused(tmp_path):
