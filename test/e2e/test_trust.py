@@ -87,12 +87,12 @@ def client_port(entry):
 
 def refused_at_the_client(port, request=b"a request"):
     """How a client's connection ended: "reset" or "eof" (the tunnel refused it before it was sent)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        try:
+    try:  # the reset may come before connect() has returned to us, or while we send
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(request)
             return how_it_ended(sock)[0]
-        except (ConnectionResetError, BrokenPipeError):
-            return "reset"
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
 
 
 @contextlib.contextmanager
