@@ -1659,8 +1659,8 @@ class ThreadCopy:
         self.view.release()
 
 
-class ThreadSplice(ThreadCopy):
-    """The same through a kernel pipe of the thread's own (closed with it, with whatever a failure
+class ThreadSplice:
+    """ThreadCopy's take and give through a kernel pipe of the thread's own (closed with it, with whatever a failure
     left in it), so the bytes never enter Python. Over a Unix-socket leg a thread that copied carried
     about half of what the loop spliced (`bench.py --tables loaded`, bulk meanwhile)."""
 
@@ -2937,7 +2937,7 @@ def client_addresses(sock):
     """(family, the client's address, the address it connected to) of an accepted client, or None
     where there are none to tell (a named pipe)."""
     family = getattr(sock, "family", None)
-    if family not in (socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None)) or family is None:
+    if family not in {socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", socket.AF_INET)}:
         return None
     try:
         return family, sock.getpeername(), sock.getsockname()
