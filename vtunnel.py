@@ -699,10 +699,23 @@ def listen_unix(path, mode=0o600):
     old_umask = os.umask(0o777 & ~mode)
     try:
         sock = listen_socket(socket.AF_UNIX, path)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OSError(exc.errno, f"{_reason(exc)}{where_sockets_may_go()}", path) from None
+        raise
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
     return sock
+
+
+def where_sockets_may_go():
+    """Why a socket file could not be made here, when a systemd sandbox is the likely cause."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd sets it for a unit with RuntimeDirectory=
+    if runtime:
+        first = runtime.split(":")[0]  # systemd lists several directories with colons
+        return f" (this service may create files only under {first}, its RuntimeDirectory: put the socket there)"
+    return ""
 
 
 def claim_socket_path(path):

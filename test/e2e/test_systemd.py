@@ -2,10 +2,14 @@
 status, the watchdog's cadence (and its silence while the event loop is stalled), stopping."""
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +121,25 @@ def test_a_reload_is_told_to_systemd(tmp_path):
         assert "reload: nothing changed" in vtunnel.log
     finally:
         assert vtunnel.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a read-only mount needs root")
+@pytest.mark.parametrize("runtime_directory", ["/run/vtunnel", None], ids=["unit", "no-unit"])
+def test_a_socket_where_the_sandbox_forbids_names_the_directory_that_works(tmp_path, runtime_directory):
+    """ProtectSystem=strict leaves only the unit's RuntimeDirectory writable: a peer-socket elsewhere fails
+    to bind with EROFS, and the message says where it may go (systemd gives the unit $RUNTIME_DIRECTORY).
+    A read-only bind mount in a mount namespace of the test's own stands in for the sandbox here;
+    test/service.sh shows the same under a real systemd."""
+    read_only = Path(socket_dir())
+    entry = {**tunnel_entry("docker-host", 1), "peer-socket": f"{read_only}/docker.sock"}
+    del entry["peer-address"], entry["peer-port"]
+    config = write_config(tmp_path, [entry])
+    sandbox = f"mount --bind -o ro {read_only} {read_only} && exec \"$@\""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", sandbox, "sh",
+                           sys.executable, "-m", "vtunnel", "peer", "--vsock", "tcp:127.0.0.1", "--config-path",
+                           str(config)], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                          env={**os.environ, **({"RUNTIME_DIRECTORY": runtime_directory} if runtime_directory else {})})
+    failure = f"vtunnel: tunnel 'docker-host': cannot listen on unix://{read_only}/docker.sock: read-only file system"
+    hint = " (this service may create files only under /run/vtunnel, its RuntimeDirectory: put the socket there)"
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == failure + (hint if runtime_directory else "")
