@@ -24,10 +24,12 @@ Commands:
 Options:
   --config-path PATH   the YAML file with the 'tunnel:' list.
   --vsock TRANSPORT    how vsock ports are reached: vsock, vsock:CID, hyperv,
-                       tcp:IP or unix:PREFIX [default: vsock on Linux,
-                       hyperv on Windows]. Who may dial a leg: vsock, only
-                       the other end's CID (2, or CID); hyperv, only the
-                       served VM; tcp:, any local process; unix:, the owner
+                       tcp:IP, unix:PREFIX or hybrid:PATH (the host of a
+                       Firecracker or Cloud Hypervisor VM: PATH is the VMM's
+                       vsock socket) [default: vsock on Linux, hyperv on
+                       Windows]. Who may dial a leg: vsock, only the other
+                       end's CID (2, or CID); hyperv, only the served VM;
+                       tcp:, any local process; unix: and hybrid:, the owner
                        of the socket files (0600). leg-secret-file narrows
                        any of them to holders of a secret.
   --vm-id GUID         host on Hyper-V: the VM to serve, skipping discovery.
@@ -54,13 +56,15 @@ unavailable), 2 bad command line or config.
 #   2. Config                    the YAML file -> Tunnel records; every problem told at once, with line
 #   3. Sockets                   listen and dial (TCP, Unix), name lookups (Resolver), tune_tcp, abort
 #   4. Endpoints, transports     Endpoint: where one side of a connection is. TcpEndpoint, UnixEndpoint,
-#                                PipeEndpoint, and VsockEndpoint, a port of a Transport (vsock, tcp:, unix:)
+#                                PipeEndpoint, and VsockEndpoint, a port of a Transport (vsock, tcp:, unix:,
+#                                hybrid: the Unix sockets of Firecracker's and Cloud Hypervisor's VMM)
 #   5. Hyper-V                   HyperVTransport: the Windows host's vsock; reads and writes complete through
 #                                vtunnel_npipe's completion port, connect and accept block in threads
 #   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux; OffLoop:
 #                                a bulk direction carried by a thread, so interactive ones never wait
 #   7. Servers and the service   accept loops, counters (Stats), a TunnelRun per tunnel and end, signals,
-#                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics
+#                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics;
+#                                systemd's side: sd_notify (Notifier), socket activation (ActivatedSockets)
 #   8. Peer and host             the two roles (Role: carry a client to a leg, or a leg to the upstream;
 #                                forward or reverse); relay() dials the far end for each connection and pumps
 #   9. Finding the VM            Windows: every running VM is handshaked at once
@@ -1141,6 +1145,55 @@ class UnixTransport(Transport):
         remove_socket_file(self.listen_address(port))
 
 
+class HybridTransport(UnixTransport):
+    """The host's side of Firecracker's and Cloud Hypervisor's vsock ("hybrid vsock"): their VMM stands
+    for the guest's vsock on the host with Unix sockets. Guest port P is dialled through the VMM's own
+    socket PATH (its uds_path): connect, send `CONNECT P\n`, read its one-line answer, `OK <port>\n`,
+    and the stream is then the guest's. A guest's connection to host port P arrives on PATH_P, where
+    vtunnel listens as unix:PREFIX does. Who may dial a leg: the VMM, and the owner (0600)."""
+
+    def __str__(self):
+        return f"hybrid:{self.prefix}"
+
+    def connect(self, port, timeout=CONNECT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        sock = dial(self.family, self.prefix, timeout)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(b"CONNECT %d\n" % port)
+            answer = self._read_answer(sock, port)
+            sock.settimeout(None)
+        except socket.timeout:
+            sock.close()
+            raise socket.timeout(errno.ETIMEDOUT, f"the VMM at {self.prefix} did not answer CONNECT {port} "
+                                 f"within {timeout:g}s") from None
+        except BaseException:
+            sock.close()
+            raise
+        if not answer.startswith(b"OK "):
+            sock.close()
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"the VMM answered {_show_line(answer)} to CONNECT {port}")
+        return sock
+
+    @staticmethod
+    def _read_answer(sock, port):
+        """The VMM's answer line, and not a byte more: the guest's bytes follow it at once, and are the
+        pump's. One byte per read, about ten per connection."""
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            byte = sock.recv(1)
+            if not byte:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"the VMM closed the connection after CONNECT "
+                                             f"{port}{' (answering ' + _show_line(line) + ')' if line else ''}: "
+                                             f"nothing listens on vsock port {port} in the guest")
+            line += byte
+        return line
+
+
+def _show_line(line):
+    return repr(line.rstrip(b"\n").decode("ascii", "replace"))
+
+
 def parse_transport(spec):
     """--vsock TRANSPORT -> a Transport."""
     kind, _, arg = spec.partition(":")
@@ -1157,7 +1210,12 @@ def parse_transport(spec):
         return TcpTransport(host)
     if kind == "unix" and arg:
         return UnixTransport(arg)
-    raise UsageError(f"--vsock {spec}: expected vsock, vsock:CID, hyperv, tcp:IP or unix:PREFIX")
+    if kind == "hybrid":
+        if not arg:
+            raise UsageError(f"--vsock {spec}: expected hybrid:PATH, the VMM's vsock socket (Firecracker's "
+                             "uds_path, Cloud Hypervisor's --vsock socket=)")
+        return HybridTransport(arg)
+    raise UsageError(f"--vsock {spec}: expected vsock, vsock:CID, hyperv, tcp:IP, unix:PREFIX or hybrid:PATH")
 
 
 def default_transport():
@@ -2072,6 +2130,94 @@ class Notifier:
             gevent.sleep(self.watchdog / 2)
 
 
+class ActivatedSockets:
+    """Listening sockets systemd passed (socket activation, sd_listen_fds): a `.socket` unit owns them,
+    starts vtunnel on the first client, and queues clients while vtunnel restarts instead of refusing
+    them. Read once at start when LISTEN_PID is this process: descriptors 3 to 3 + LISTEN_FDS - 1, named
+    by LISTEN_FDNAMES (FileDescriptorName=). The variables are unset so that children do not inherit them.
+
+    take() hands a tunnel's clients' listener (the peer's peer-address/peer-socket, the host's
+    host-listen-address) or the metrics endpoint a duplicate of the socket passed under its name, else
+    of the one bound to its address; a retired listener closes only its duplicate, so a changed tunnel
+    takes the socket again. A tunnel a reload removed closes the socket it took (systemd keeps its own).
+    """
+
+    def __init__(self, environ=os.environ):
+        self.sockets = []  # [name, socket, taken by] per passed socket
+        variables = [environ.pop(name, "") for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")]
+        pid, count, names = variables
+        if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+            return
+        names = names.split(":") if names else []
+        for index in range(int(count)):
+            fd = 3 + index  # SD_LISTEN_FDS_START
+            os.set_inheritable(fd, False)  # systemd passes them inheritable: not for wsl.exe and the like
+            name = names[index] if index < len(names) else "unknown"
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                log.warning("systemd passed descriptor %d (%s), which is not a socket: ignored", fd, name)
+                continue
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                log.warning("systemd passed %s (%s), a socket that does not listen (vtunnel needs Accept=no): "
+                            "ignored", listener_name(sock), name)
+                sock.close()
+                continue
+            self.sockets.append([name, sock, None])
+            log.info("systemd passed a socket: %s (%s)", listener_name(sock), name)
+
+    def take(self, endpoint, name):
+        """A listening gevent socket for `endpoint` of `name` (a tunnel, or "metrics"), or None."""
+        entry = (next((e for e in self.sockets if e[0] == name), None)
+                 or next((e for e in self.sockets if self._bound_to(e[1], endpoint)), None))
+        if entry is None:
+            return None
+        entry[2] = name
+        return gevent.socket.socket(fileno=os.dup(entry[1].fileno()))
+
+    @staticmethod
+    def _bound_to(sock, endpoint):
+        try:
+            bound = sock.getsockname()
+        except OSError:
+            return False
+        if isinstance(endpoint, UnixEndpoint):
+            return sock.family == socket.AF_UNIX and bound == endpoint.path
+        if isinstance(endpoint, TcpEndpoint) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            return bound[1] == endpoint.port and _same_ip(bound[0], endpoint.host)
+        return False
+
+    def warn_unmatched(self, listeners):
+        """One warning per passed socket that no listener of `listeners` ({name: endpoint}) would take."""
+        for name, sock, _ in self.sockets:
+            if name not in listeners and not any(self._bound_to(sock, e) for e in listeners.values()):
+                log.warning("systemd passed a socket that matches no tunnel: %s (%s); it is left unused (name "
+                            "it after a tunnel with FileDescriptorName=, or bind it to the tunnel's address)",
+                            listener_name(sock), name)
+
+    def release_all_but(self, names):
+        """After a reload: close the sockets taken by tunnels no longer in the config."""
+        for entry in list(self.sockets):
+            if entry[2] is not None and entry[2] not in names and entry[2] != "metrics":
+                log.info("%s: removed by the reload: closing the socket systemd passed (%s)", entry[2],
+                         listener_name(entry[1]))
+                entry[1].close()
+                self.sockets.remove(entry)
+
+
+def listener_name(sock):
+    """How the log names a listening socket: IP:PORT, or unix:///PATH."""
+    bound = sock.getsockname()
+    return f"unix://{bound}" if sock.family == getattr(socket, "AF_UNIX", None) else _address(bound)
+
+
+def _same_ip(a, b):
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
 class TunnelRun:
     """One tunnel at one end, as this process serves it: the listeners and the socket files they
     made, the tasks that keep it (the host's handshakes), its counters and its state in words.
@@ -2087,6 +2233,8 @@ class TunnelRun:
         self.tasks = gevent.pool.Group()
         self.state, self.up, self.failed = "starting", False, False
         self.reach = None  # the transport that reaches the peer now (a reverse tunnel's host dials it)
+        self.activated = False  # its clients' listener came from systemd (ActivatedSockets)
+        self.handshake_answered = None  # at the peer: when the host last handshook (time.monotonic())
 
     def set_state(self, state, up=None, error=None):
         self.state = state
@@ -2152,6 +2300,7 @@ class Service:
         self.hurry = gevent.event.Event()  # a second stop signal: no more grace
         self.fatal = None
         self.connection_ids = ConnectionIds()
+        self.activated = ActivatedSockets({})  # none, unless run() reads them from the environment
 
     @property
     def stats(self):
@@ -2170,18 +2319,25 @@ class Service:
         role.start_tunnel(run)
         return run
 
-    def start_server(self, run, endpoint, handle, name, max_connections=None):
-        """Listen on `endpoint` for `run` and serve each connection with handle(conn, address)."""
-        try:
-            listener = endpoint.listen()
-        except OSError as exc:
-            raise StartupError(f"tunnel {run.tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
-        run.cleanups.append(endpoint.close_listener)
+    def start_server(self, run, endpoint, handle, name, max_connections=None, clients=False):
+        """Listen on `endpoint` for `run` and serve each connection with handle(conn, address).
+        clients: where the tunnel's clients connect, which systemd may have passed (ActivatedSockets)."""
+        listener = self.activated.take(endpoint, run.tunnel.name) if clients else None
+        where = str(endpoint)
+        if listener is not None:
+            run.activated = True
+            where = f"{listener_name(listener)} (passed by systemd)"
+        else:
+            try:
+                listener = endpoint.listen()
+            except OSError as exc:
+                raise StartupError(f"tunnel {run.tunnel.name!r}: cannot listen on {endpoint}: {_reason(exc)}") from None
+            run.cleanups.append(endpoint.close_listener)
         # A full pool stops the accept loop: further clients wait in the listen backlog.
         threaded = isinstance(listener, (ThreadedListener, vtunnel_npipe.PipeListener))  # accept() blocks
         server_class = ThreadedServer if threaded else PolledServer
         server = server_class(listener, handle, spawn=gevent.pool.Pool(max_connections))
-        server.name, server.crash = name, self.crash
+        server.name, server.crash, server.where = name, self.crash, where
         server.start()
         run.servers.append(server)
         return server
@@ -2280,6 +2436,7 @@ class Service:
                     self._run_failed(self.runs[(tunnel.name, role.end)], str(exc))
                     started.append(self.runs[(tunnel.name, role.end)])
         self._await_start(started)
+        self.activated.release_all_but(new)
         self.status_changed()
         failed = list(dict.fromkeys(run.tunnel.name for run in started if run.failed))
         pending = list(dict.fromkeys(run.tunnel.name for run in started if not run.failed and not run.up))
@@ -2351,11 +2508,13 @@ class Service:
             raise StartupError("--metrics needs the prometheus_client package: pip install prometheus_client") from None
         if not endpoint.is_loopback:
             log.warning("metrics on %s, not a loopback address: anyone who can reach it reads them", endpoint)
-        try:
-            listener = endpoint.listen()
-        except OSError as exc:
-            raise StartupError(f"--metrics: cannot listen on {endpoint}: {_reason(exc)}") from None
-        self.cleanups.append(endpoint.close_listener)
+        listener = self.activated.take(endpoint, "metrics")
+        if listener is None:
+            try:
+                listener = endpoint.listen()
+            except OSError as exc:
+                raise StartupError(f"--metrics: cannot listen on {endpoint}: {_reason(exc)}") from None
+            self.cleanups.append(endpoint.close_listener)
         server = MetricsServer(listener, MetricsApp(self), spawn=gevent.pool.Pool(METRICS_SLOTS), log=None,
                                error_log=log)
         server.start()
@@ -2793,18 +2952,22 @@ class Peer(Role):
         if not tunnel.reverse and (warning := exposed_listener(tunnel)):
             log.warning("%s: %s", tunnel.name, warning)
         handshakes = self.transport.endpoint(tunnel.handshake_port)
-        self.service.start_server(run, handshakes, self.answer_handshake, f"{tunnel.name} handshake")
+        self.service.start_server(run, handshakes, partial(self.answer_handshake, run), f"{tunnel.name} handshake")
         log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
         legs = self.transport.endpoint(tunnel.leg_port)
         if tunnel.reverse:
             listen, handle, far = legs, partial(self.carry_leg, tunnel, run.stats), tunnel.upstream
         else:
-            listen, handle, far = tunnel.peer, partial(self.carry_client, tunnel, lambda: legs, run.stats), legs
-        self.service.start_server(run, listen, handle, tunnel.name, tunnel.max_connections)
-        run.set_state(f"listening on {listen}", up=True)
-        log.info("%s: listening on %s, carrying to %s", tunnel.name, listen, far)
+            listen, far = tunnel.peer, legs
+            handle = partial(self.carry_client, tunnel, lambda: QueuedForTheHost(legs, run) if run.activated else legs,
+                             run.stats)
+        server = self.service.start_server(run, listen, handle, tunnel.name, tunnel.max_connections,
+                                           clients=not tunnel.reverse)
+        run.set_state(f"listening on {server.where}", up=True)
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, server.where, far)
 
-    def answer_handshake(self, sock, address):
+    def answer_handshake(self, run, sock, address):
+        run.handshake_answered = time.monotonic()
         try:
             sock.sendall(SEED_PHRASE)
             log.debug("answered a handshake")
@@ -2812,6 +2975,31 @@ class Peer(Role):
             log.warning("handshake: could not send the seed phrase: %s", _reason(exc))
         finally:
             sock.close()
+
+
+@dataclass(frozen=True)
+class QueuedForTheHost(Endpoint):
+    """The leg for a client systemd queued before the peer ran (socket activation): the host may not
+    listen yet, as it listens only after its handshake with this peer, which it retries every few
+    seconds (HANDSHAKE_BACKOFF). Until then, and for a moment after (the host binds right after the
+    seed phrase), a refused dial is tried again within the connect timeout, so the first client is
+    carried rather than refused."""
+    legs: Endpoint
+    run: "TunnelRun"
+
+    def __str__(self):
+        return str(self.legs)
+
+    def connect(self, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.legs.connect(max(deadline - time.monotonic(), 0.001))
+            except (ConnectionRefusedError, FileNotFoundError):
+                answered, left = self.run.handshake_answered, deadline - time.monotonic()
+                if left <= 0 or (answered is not None and time.monotonic() - answered > 1.0):
+                    raise
+                gevent.sleep(min(0.1, left))
 
 
 class Host(Role):
@@ -2876,11 +3064,11 @@ class Host(Role):
         run.reach = self.wait_for_peer(run)
         server = self.service.start_server(run, tunnel.host_listen, partial(
             self.carry_client, tunnel, lambda: run.reach.endpoint(tunnel.vsock_peer_port), run.stats), tunnel.name,
-            tunnel.max_connections)
-        log.info("%s: listening on %s, carrying to %s", tunnel.name, tunnel.host_listen,
+            tunnel.max_connections, clients=True)
+        log.info("%s: listening on %s, carrying to %s", tunnel.name, server.where,
                  run.reach.endpoint(tunnel.vsock_peer_port))
         while True:
-            run.set_state(f"connected to the peer; listening on {tunnel.host_listen}", up=True)
+            run.set_state(f"connected to the peer; listening on {server.where}", up=True)
             self.service.status_changed()
             if not run.reach.per_vm:
                 return
@@ -3226,6 +3414,9 @@ def run(args):
              raise_descriptor_limit() or "unlimited")
     service.handle_signals()
     try:
+        service.activated = ActivatedSockets()
+        listeners = {t.name: t.clients_at for t in tunnels if any((r.end == "peer") != t.reverse for r in roles)}
+        service.activated.warn_unmatched({**listeners, **({"metrics": args["--metrics"]} if args["--metrics"] else {})})
         service.start(roles, tunnels)
         if args["--metrics"]:
             service.serve_metrics(args["--metrics"])

@@ -175,9 +175,26 @@ case "$refusal" in
   *"read-only file system (this service may create files only under /run/vtunnel"*) say "   outside it, the unit stops: $refusal";;
   *) say "   no line naming /run/vtunnel for a socket outside it:"; inside journalctl --no-pager -u vtunnel-peer -n 20 >&2; exit 1;;
 esac
-inside systemctl disable --quiet --now vtunnel-peer; inside systemctl stop stage-host
 
-say "4. the user unit, as the README lists it, as a user in a login session"
+say "4. socket activation, as the README lists it: the first client starts the unit"
+mapfile -t socket_steps < <(steps "To start vtunnel on its first client")
+[ ${#socket_steps[@]} -gt 0 ] || { say "README.md lacks the socket activation steps"; exit 1; }
+inside tee /etc/vtunnel/config.yaml <"$work/config.yaml" >/dev/null
+inside systemctl stop vtunnel-peer 2>/dev/null || true
+inside systemctl reset-failed vtunnel-peer 2>/dev/null || true
+for line in "${socket_steps[@]}"; do
+  say "   \$ $line"
+  run_step root "$work/tree" "$line" >"$work/step.log" 2>&1 || { say "   failed:"; cat "$work/step.log" >&2; exit 1; }
+done
+! inside systemctl is-active --quiet vtunnel-peer || { say "   vtunnel-peer runs before any client came"; exit 1; }
+expect_through tcp:3030 "the socket unit's listener (the first client, which started vtunnel-peer)"
+inside systemctl is-active --quiet vtunnel-peer || { say "   vtunnel-peer did not start"; exit 1; }
+passed=$(inside journalctl --no-pager -o cat -u vtunnel-peer | grep -F 'listening on 127.0.0.1:3030 (passed by systemd)' | tail -1)
+[ -n "$passed" ] || { say "   vtunnel-peer did not take the socket:"; inside journalctl --no-pager -u vtunnel-peer -n 20 >&2; exit 1; }
+say "   vtunnel-peer: $passed"
+inside systemctl disable --quiet --now vtunnel-peer.socket vtunnel-peer; inside systemctl stop stage-host
+
+say "5. the user unit, as the README lists it, as a user in a login session"
 inside useradd --create-home --shell /bin/bash vtunnel-user
 inside loginctl enable-linger vtunnel-user
 uid=$(inside id -u vtunnel-user)
@@ -196,4 +213,4 @@ inside systemd-run --quiet --unit=stage-host /opt/vtunnel/bin/vtunnel host --vso
 sleep 2
 expect_through tcp:3030 "the user unit's tunnel"
 expect_through /home/vtunnel-user/agent.sock "the user unit's socket in the home directory"
-say "4 passed, 0 failed"
+say "5 passed, 0 failed"

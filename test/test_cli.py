@@ -26,7 +26,7 @@ def test_version_and_help():
     assert code == 0 and out.startswith("vtunnel ")
     code, out, _ = run_vtunnel("--help")
     assert code == 0 and "vtunnel peer" in out and "--vsock TRANSPORT" in out
-    assert "tcp:IP or unix:PREFIX" in out  # a host name is refused there: the help says so
+    assert "tcp:IP, unix:PREFIX or hybrid:PATH" in out  # a host name is refused there: the help says so
 
 
 def test_check_prints_the_tunnels(tmp_path):
@@ -71,6 +71,9 @@ def test_check_warns_about_what_the_ends_would_refuse_or_warn_about_here(tmp_pat
                                                                   "its two ends always meet over tcp:127.0.0.1"),
     (["check", "--config-path", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read the config: no such file"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--vsock", "carrier-pigeon"], "--vsock carrier-pigeon"),
+    (["host", "--config-path", str(ROOT / "config.yaml"), "--vsock", "hybrid:"],
+     "--vsock hybrid:: expected hybrid:PATH, the VMM's vsock socket (Firecracker's uds_path, Cloud Hypervisor's "
+     "--vsock socket=)"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--log-level", "loud"], "--log-level loud"),
     (["peer", "--config-path", str(ROOT / "config.yaml"), "--grace", "-1"],
      "--grace -1: expected a number of seconds, 0 or more"),

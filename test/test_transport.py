@@ -36,6 +36,8 @@ def test_parse_transport():
     assert parse_transport("tcp:127.0.0.1").dial_address(8989) == ("127.0.0.1", 8989)
     assert parse_transport("tcp:[::1]").family == socket.AF_INET6
     assert parse_transport("unix:/run/vt").dial_address(9090) == "/run/vt_9090"
+    hybrid = parse_transport("hybrid:/srv/fc/v.sock")  # dialled through the VMM's socket, listened as unix:
+    assert str(hybrid) == "hybrid:/srv/fc/v.sock" and hybrid.listen_address(9091) == "/srv/fc/v.sock_9091"
     hyperv = parse_transport("hyperv")
     assert isinstance(hyperv, HyperVTransport)
     hyperv.vm_id = "D7F8B0B2-0D4B-4B36-A6F4-4C1A9A3D2E11"

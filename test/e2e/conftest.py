@@ -1,4 +1,5 @@
 import pytest
+from hybrid_vmm import HybridVmm, UnixGuest, VsockGuest
 
 from helpers import Vtunnel, _next_vsock_port, echo_server, free_port, socket_dir, tunnel_entry, write_config
 
@@ -11,11 +12,15 @@ class Deployment:
         # "vsock": real AF_VSOCK, only inside the throwaway guest (test/vsockvm.sh): both ends at
         # CID 1 (loopback), which is where each end's legs come from, and so the CID each admits.
         self.transport = {"tcp": "tcp:127.0.0.1", "unix": f"unix:{socket_dir()}/v", "local": None,
-                          "vsock": None}[mode]
+                          "vsock": None, "hybrid": None, "hybrid-vsock": None}[mode]
+        # "hybrid", "hybrid-vsock": the host of a Firecracker-style VM (--vsock hybrid:PATH), reaching the
+        # peer through a stand-in VMM (test/hybrid_vmm.py): the peer on Unix sockets, or on real AF_VSOCK
+        # inside the guest. vmm_answer: how the VMM answers CONNECT ("ok", "refuse", "silent").
+        self.vmm, self.vmm_answer, self.vmm_dir = None, "ok", socket_dir()
         self.tunnels, self.peer, self.host, self.local = [], None, None, None
 
     def add_tunnel(self, name, upstream_port=None, upstream=None, peer_socket=None, **keys):
-        kind = "tcp" if self.mode in ("tcp", "local") else "unix"
+        kind = "tcp" if self.mode in ("tcp", "local") else "unix"  # (vsock port numbers)
         entry = tunnel_entry(name, upstream_port, kind, upstream=upstream)
         if peer_socket:
             del entry["peer-address"], entry["peer-port"]
@@ -65,8 +70,18 @@ class Deployment:
 
     def _start(self, role):
         transport = self.transport or ("vsock:1" if self.mode == "vsock" else None)
+        if self.mode.startswith("hybrid"):
+            self._start_vmm()
+            guest = f"unix:{self.vmm_dir}/guest" if self.mode == "hybrid" else "vsock:1"
+            transport = f"hybrid:{self.vmm_dir}/vmm.sock" if role == "host" else guest
         return Vtunnel(role, "--config-path", self.config, *(["--vsock", transport] if transport else []),
                        "--log-level", "debug", "--grace", "2", log_dir=self.tmp_path)
+
+    def _start_vmm(self):
+        if self.vmm is None:
+            guest = UnixGuest(f"{self.vmm_dir}/guest") if self.mode == "hybrid" else VsockGuest(1)
+            ports = [entry["vsock-host-port"] for entry in self.tunnels if "vsock-host-port" in entry]
+            self.vmm = HybridVmm(f"{self.vmm_dir}/vmm.sock", guest, ports, self.vmm_answer)
 
     def processes(self):
         return [p for p in (self.peer, self.host, self.local) if p]
@@ -75,7 +90,10 @@ class Deployment:
         return "\n".join(f"--- {p.args[0]}:\n{p.log}" for p in self.processes())
 
     def stop(self):
-        return [p.stop() for p in self.processes()]
+        codes = [p.stop() for p in self.processes()]
+        if self.vmm:
+            self.vmm.stop()
+        return codes
 
 
 @pytest.fixture

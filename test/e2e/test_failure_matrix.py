@@ -1,9 +1,9 @@
 """The failure matrix: what the far side sees when one side fails, for every kind of leg.
 
-For each transport between the ends (`tcp:`, `unix:`), each kind of client (TCP, a peer-socket) and
-each kind of upstream (TCP, `unix:///`), one side ends its connection in failure mid-transfer and the
-other side's outcome is recorded: "reset" or "eof" (a clean end of stream). The README's failure
-table is this test's expectation.
+For each transport between the ends (`tcp:`, `unix:`, `hybrid:` through a stand-in VMM), each kind of
+client (TCP, a peer-socket) and each kind of upstream (TCP, `unix:///`), one side ends its connection
+in failure mid-transfer and the other side's outcome is recorded: "reset" or "eof" (a clean end of
+stream). The README's failure table is this test's expectation.
 
 A TCP end is failed with SO_LINGER 0 (a reset). A Unix-socket end has no reset of its own: it fails
 the only way the kernel tells, by closing with bytes it never read still queued (the other end then
@@ -90,7 +90,11 @@ EXPECTED.update({("client fails", client, upstream): "reset" if upstream == "tcp
                  for client in KINDS for upstream in KINDS})
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix", pytest.param("vsock", marks=[pytest.mark.vsock, VSOCK_GUEST])])
+IN_GUEST = [pytest.mark.vsock, VSOCK_GUEST]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "hybrid", pytest.param("vsock", marks=IN_GUEST),
+                                       pytest.param("hybrid-vsock", marks=IN_GUEST)])
 def test_failure_matrix(deployment, transport):
     d = deployment(transport)
     directory = socket_dir()

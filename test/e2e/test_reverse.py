@@ -1,7 +1,8 @@
 """Reverse tunnels: the host listens (TCP or a Unix socket) and the peer dials a service inside the VM.
 The same pump and the same promises as forward tunnels: every byte both ways, half-close, many
 connections at once; a peer that is gone closes each client at once, and the tunnel serves again
-when it is back. Over the tcp: and unix: transports, in one `local` process, and over real vsock."""
+when it is back. Over the tcp: and unix: transports, in one `local` process, over real vsock, and
+from the host of a Firecracker-style VM through a stand-in VMM (hybrid: test_hybrid.py)."""
 
 import os
 import socket
@@ -25,7 +26,8 @@ from helpers import (
     wait_until,
 )
 
-ALL_TRANSPORTS = [*MODES, pytest.param("vsock", marks=[pytest.mark.vsock, VSOCK_GUEST])]
+ALL_TRANSPORTS = [*MODES, "hybrid", pytest.param("vsock", marks=[pytest.mark.vsock, VSOCK_GUEST]),
+                  pytest.param("hybrid-vsock", marks=[pytest.mark.vsock, VSOCK_GUEST])]
 MiB = 1024 * 1024
 
 
@@ -86,7 +88,7 @@ def test_fifty_reverse_connections_at_once(deployment, echo, mode):
         [sha256(p) for p in payloads]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "hybrid"])
 def test_half_close_travels_both_ways(deployment, mode):
     """The client half-closes first (the upstream answers after its end of stream), and the
     upstream ends first (a download, then the client's end)."""
@@ -105,7 +107,7 @@ def test_half_close_travels_both_ways(deployment, mode):
     download.stop()
 
 
-@pytest.mark.parametrize("mode", ["tcp", "unix"])
+@pytest.mark.parametrize("mode", ["tcp", "unix", "hybrid"])
 def test_a_client_meets_a_closed_connection_at_once_while_the_peer_is_gone_and_is_served_when_it_is_back(
         deployment, echo, mode):
     d = deployment(mode)

@@ -53,7 +53,7 @@ def test_http_client_gets_the_page(deployment, mode):
         upstream.stop()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "hybrid"])
 def test_32_mib_each_way_arrives_intact(deployment, echo, mode):
     d, entry = started(deployment, mode, echo)
     payload = os.urandom(32 * 1024 * 1024)
@@ -63,7 +63,7 @@ def test_32_mib_each_way_arrives_intact(deployment, echo, mode):
     assert (len(payload), sha256(payload)) in echo.received  # client -> upstream intact
 
 
-@pytest.mark.parametrize("mode", ["tcp", "unix"])
+@pytest.mark.parametrize("mode", ["tcp", "unix", "hybrid"])
 def test_50_concurrent_connections_each_intact(deployment, echo, mode):
     d, entry = started(deployment, mode, echo)
     rng = random.Random(50)
@@ -85,7 +85,7 @@ def test_50_concurrent_connections_each_intact(deployment, echo, mode):
         assert (len(sent), sha256(sent)) in received
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "hybrid"])
 def test_half_close_client_gets_the_whole_reply(deployment, mode):
     upstream = half_close_server()
     try:
