@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -218,3 +219,15 @@ def test_sockets_meant_for_another_process_are_left_alone(tmp_path, echo):
         out = peer.communicate(timeout=15)[0].decode()
         other.close()
     assert "systemd passed" not in out
+
+
+def test_the_metrics_listener_is_taken_by_its_name(tmp_path, echo, activations):
+    web = tunnel_entry("web", echo.port)
+    config = write_config(tmp_path, [web])
+    own, passed = free_port(), free_port()
+    local = Activated(tmp_path, [f"127.0.0.1:{passed}"], ["metrics"],
+                      ["local", "--config-path", config, "--metrics", f"127.0.0.1:{own}"])
+    activations.append(local)
+    with urllib.request.urlopen(f"http://127.0.0.1:{passed}/metrics", timeout=30) as answer:  # starts vtunnel
+        assert 'vtunnel_tunnel_up{end="peer",tunnel="web"}' in answer.read().decode()
+    assert refuses(own)

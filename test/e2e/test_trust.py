@@ -40,7 +40,7 @@ def write_secret(path, text=None):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", TRANSPORTS)
+@pytest.mark.parametrize("mode", [*TRANSPORTS, "hybrid"])
 def test_the_right_secret_carries_every_byte_forward_and_reverse(deployment, echo, tmp_path, mode):
     secret = write_secret(tmp_path / "leg.secret")
     d = deployment(mode)
