@@ -70,9 +70,11 @@ unavailable), 2 bad command line or config.
 #   9. Finding the VM            Windows: every running VM is handshaked at once
 #  10. Command line              parse_args, run, main; status and reload ask a running vtunnel
 #
-# Two sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
-# pipes, and the overlapped I/O through one completion port that the Windows host's streams share) and
-# vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log).
+# Three sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
+# pipes, and the overlapped I/O through one completion port that the Windows host's streams share),
+# vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log)
+# and vtunnel_mirror (mirror-ports: the VM's listeners, read from /proc, and the mirror's wire). Section 8
+# carries a mirror's control stream and legs (Peer.watch_vm_ports, Host.serve_mirror).
 #
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
 # family subclasses Transport (family, listen_address, dial_address; refuses, if it can tell who
@@ -113,6 +115,7 @@ try:
     import greenlet
     import yaml
 
+    import vtunnel_mirror
     import vtunnel_npipe
     import vtunnel_trust
 except ModuleNotFoundError as exc:  # `python3 vtunnel.py` with a Python outside vtunnel's venv: one line
@@ -161,6 +164,7 @@ BROKEN_LISTENER_ERRORS = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)  # gevent's
 METRICS_SLOTS = 64  # connections the --metrics endpoint serves at once
 METRICS_TIMEOUT = 10.0  # seconds a metrics connection may be silent before it is dropped
 RELOAD_WAIT = 5.0  # seconds a reload waits for its new tunnels to listen before it answers "pending"
+MIRROR_RETRY = 10.0  # seconds between tries of a mirrored port the host could not listen on
 ASK_TIMEOUT = 30.0  # seconds `vtunnel status` and `vtunnel reload` wait for an answer
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -201,11 +205,18 @@ class Tunnel:
     idle_timeout: float = None  # None: connections may idle forever
     leg_secret: object = None  # vtunnel_trust.LegSecret: each leg proves both ends hold it
     proxy_protocol: str = None  # "v2": the upstream is told the client's address (a PROXY v2 header)
+    mirror_ports: frozenset = None  # a mirror (host -> VM): the VM's listeners on these ports, each its own
+    exclude_ports: frozenset = frozenset()  # ... but these
+    host_port_offset: int = 0  # ... listened on at the host on host_listen's IP, VM port + this
     line: int = field(default=0, compare=False)  # where the entry is: moving it changes no tunnel
 
     @property
     def reverse(self):
         return self.host_listen is not None
+
+    @property
+    def mirror(self):
+        return self.mirror_ports is not None
 
     @property
     def leg_port(self):
@@ -219,7 +230,7 @@ class Tunnel:
 
     @property
     def direction(self):
-        return "host -> VM" if self.reverse else "VM -> host"
+        return "host -> VM (mirror)" if self.mirror else "host -> VM" if self.reverse else "VM -> host"
 
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
@@ -399,6 +410,22 @@ def parse_upstream(value):
     return TcpEndpoint(*parse_host_port(text))
 
 
+def _port_offset(value):
+    if not -65534 <= _integer(value) <= 65534:
+        raise ValueError(f"expected a whole number from -65534 to 65534, got {value}")
+    return value
+
+
+def _mirror_listen(value):
+    """A mirror's host-listen-address: an IP, where each mirrored port listens."""
+    text = _text(value)
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not _is_ip(host):
+        raise ValueError(f"a mirror listens on an IP (each VM port at VM port + host-port-offset): expected an IP "
+                         f"such as 127.0.0.1, got {text!r}")
+    return TcpEndpoint(host, 0)
+
+
 REQUIRED = object()
 
 
@@ -420,9 +447,13 @@ KEYS = {  # key: (field, convert, default); REQUIRED keys must be present
     "host-listen-address": ("host_listen_address", parse_upstream, None),
     "host-socket-mode": ("host_socket_mode", _file_mode, None),
     "host-pipe-sddl": ("host_pipe_sddl", _pipe_sddl, None),
+    "mirror-ports": ("mirror_ports", vtunnel_mirror.parse_ports, None),
+    "exclude-ports": ("exclude_ports", vtunnel_mirror.parse_ports, frozenset()),
+    "host-port-offset": ("host_port_offset", _port_offset, 0),
 }
 FORWARD_KEYS = ("vsock-host-port", "peer-address", "peer-port", "peer-socket", "peer-socket-mode")
 REVERSE_KEYS = ("vsock-peer-port", "host-listen-address", "host-socket-mode", "host-pipe-sddl")
+MIRROR_KEYS = ("mirror-ports", "exclude-ports", "host-port-offset")
 
 
 class _Mapping(dict):
@@ -543,18 +574,26 @@ def _read_tunnel(entry, index, line, path, errors):
     for key in entry:
         if key not in KEYS:
             problems.append((entry.key_lines[key], f"unknown key {key!r}: expected one of {', '.join(KEYS)}"))
+    mirror = "mirror-ports" in entry
     for key, (attr, convert, default) in KEYS.items():
         if key not in entry:
-            if default is REQUIRED:
+            if default is REQUIRED and not (mirror and key == "upstream-server-address"):
                 problems.append((line, f"missing key '{key}'"))
-            fields[attr] = default
+            fields[attr] = None if default is REQUIRED else default
             continue
+        if mirror and key == "host-listen-address":
+            convert = _mirror_listen
         try:
             fields[attr] = convert(entry[key])
         except ValueError as exc:
             problems.append((entry.key_lines[key], f"key '{key}': {exc}"))
     ends = {attr: fields.pop(attr, None) for attr in PEER_FIELDS + HOST_LISTEN_FIELDS}
-    if any(key in entry for key in REVERSE_KEYS):
+    if mirror:
+        fields["host_listen"] = _read_mirror(entry, fields, ends, line, problems)
+    elif any(key in entry for key in MIRROR_KEYS):
+        problems.append((line, f"{', '.join(k for k in MIRROR_KEYS if k in entry)} goes with mirror-ports, "
+                               "which is missing"))
+    elif any(key in entry for key in REVERSE_KEYS):
         fields["host_listen"] = _read_host_listen(entry, fields, ends, line, problems)
     else:
         if "vsock-host-port" not in entry:
@@ -596,6 +635,22 @@ def _read_host_listen(entry, fields, ends, line, problems):
     if isinstance(listen, PipeEndpoint):
         return PipeEndpoint(listen.path, sddl)
     return listen
+
+
+def _read_mirror(entry, fields, ends, line, problems):
+    """A mirror: the host listens, on host-listen-address (an IP; 127.0.0.1 if not given), for each VM
+    listener on mirror-ports, and the peer dials it in the VM. Returns the host's endpoint (port 0:
+    each mirrored port has its own)."""
+    foreign = [key for key in (*FORWARD_KEYS, "upstream-server-address", "host-socket-mode", "host-pipe-sddl",
+                               "upstream-proxy-protocol") if key in entry]
+    if foreign:
+        problems.append((line, f"a mirror (it has mirror-ports) takes none of {', '.join(foreign)}: each VM "
+                               "port is its own upstream"))
+    if "vsock-peer-port" not in entry:
+        problems.append((line, "missing key 'vsock-peer-port' (a mirror needs it: its control stream and legs)"))
+    if "host-listen-address" not in entry:
+        return TcpEndpoint("127.0.0.1", 0)
+    return ends["host_listen_address"]  # _mirror_listen's, or None where it had a problem
 
 
 def _read_peer(entry, fields, line, problems):
@@ -640,7 +695,8 @@ def _claims(values):
     path = peer.path if isinstance(peer, UnixEndpoint) else values.get("peer_socket")
     pairs += [(f"peer-port {port}", ("peer", port)), (f"peer-socket {path}", ("peer", path))]
     listen = values.get("host_listen") or values.get("host_listen_address")
-    pairs.append((f"host-listen-address {listen}", ("host-listen", str(listen) if listen else None)))
+    if values.get("mirror_ports") is None:  # a mirror's host ports depend on the VM
+        pairs.append((f"host-listen-address {listen}", ("host-listen", str(listen) if listen else None)))
     return tuple((what, key) for what, key in pairs if key[1] is not None)
 
 
@@ -2235,6 +2291,9 @@ class TunnelRun:
         self.reach = None  # the transport that reaches the peer now (a reverse tunnel's host dials it)
         self.activated = False  # its clients' listener came from systemd (ActivatedSockets)
         self.handshake_answered = None  # at the peer: when the host last handshook (time.monotonic())
+        self.mirrored = {}  # a mirror's VM ports now: {port: the address the service listens on}
+        self.failed_ports = {}  # at the host: a mirror's VM ports that could not listen, and why
+        self.mirror_changed = gevent.event.Event()  # at the peer: set (and replaced) when `mirrored` changes
 
     def set_state(self, state, up=None, error=None):
         self.state = state
@@ -2344,6 +2403,16 @@ class Service:
 
     def spawn(self, function, *args):
         self.greenlets.spawn(self._guard, None, function, *args)
+
+    def listener_inodes(self):
+        """The inodes of every socket this process listens on (a mirror never mirrors them)."""
+        inodes = set()
+        for server in [*self.servers, *(srv for run in self.runs.values() for srv in run.servers)]:
+            try:
+                inodes.add(str(os.fstat(server.socket.fileno()).st_ino))
+            except (OSError, AttributeError, ValueError):
+                pass
+        return inodes
 
     def spawn_for(self, run, function, *args):
         """A task of `run`'s (killed when the run is retired)."""
@@ -2695,7 +2764,12 @@ class MetricsApp:
                 refused.add_metric(ids + [reason], count)
         for result, count in self.service.reloads.items():
             reloads.add_metric([result], count)
-        return [up, open_, total, moved, failures, refused, reloads]
+        mirrored = GaugeMetricFamily("vtunnel_mirrored_ports", "VM ports a mirror carries now (the host: those it "
+                                     "listens on; the peer: those it reports)", labels=labels)
+        for run in self.service.runs.values():
+            if run.tunnel.mirror:
+                mirrored.add_metric([run.tunnel.name, run.end], len(run.mirrored))
+        return [up, open_, total, moved, failures, refused, reloads, mirrored]
 
     def status(self):
         return {"status": self.service.status(), "reloads": dict(self.service.reloads),
@@ -2708,7 +2782,19 @@ class MetricsApp:
                 "open": stats.open, "total": stats.total,
                 "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures),
                 "refused": dict(stats.refused), "leg_secret": bool(run.tunnel.leg_secret),
-                "last_error": stats.last_error}
+                "last_error": stats.last_error, **MetricsApp.mirror_status(run)}
+
+    @staticmethod
+    def mirror_status(run):
+        """A mirror's ports: {VM port: {"vm": the address the service listens on, "host": where the host
+        listens for it}} (the host lists those it listens on; the peer, those it reports)."""
+        tunnel = run.tunnel
+        if not tunnel.mirror:
+            return {}
+        host = tunnel.host_listen.host
+        mirrored = {str(port): {"vm": address, "host": format_host_port(host, port + tunnel.host_port_offset)}
+                    for port, address in sorted(run.mirrored.items())}
+        return {"mirrored": mirrored, "cannot_listen": {str(port): why for port, why in run.failed_ports.items()}}
 
 
 def json_body(value):
@@ -2835,9 +2921,10 @@ class Role:
     def dials_upstream(self, tunnel):
         raise NotImplementedError
 
-    def carry_client(self, tunnel, legs, stats, client, address):
+    def carry_client(self, tunnel, legs, stats, client, address, leg_header=b""):
         """A client accepted where the tunnel's clients connect (tuned by its listener, if TCP):
-        dial a leg to `legs()` and pump."""
+        dial a leg to `legs()` and pump. leg_header: what the leg opens with after the leg checks (a
+        mirror's: which VM port)."""
         source = format_host_port(*address[:2]) if isinstance(address, tuple) and address else str(tunnel.clients_at)
         number = self.service.connection_ids.new()
 
@@ -2851,22 +2938,32 @@ class Role:
                     stats.refused[exc.reason] += 1
                     abort(leg)
                     raise ConnectionRefusedError(errno.ECONNREFUSED, f"leg refused: {exc}") from None
+            if leg_header:
+                leg.sendall(leg_header)
             if tunnel.proxy_protocol:  # for the other end to tell the upstream
                 leg.sendall(vtunnel_trust.proxy_header(client_addresses(client)))
             return leg
         relay(tunnel, stats, number, client, dial_leg, "client", f"from {source}", leg_is_near=False)
 
-    def carry_leg(self, tunnel, stats, leg, address):
-        """A leg accepted from the other vtunnel: check who dialled it (the transport, then the leg
-        exchange if the tunnel has a leg secret), dial the upstream and pump."""
+    def admit(self, tunnel, stats, leg, address, then=None):
+        """The checks every accepted leg passes: who dialled it (the transport), then the leg exchange
+        if the tunnel has a leg secret; then `then()`, which may refuse too. Its result, or None when
+        the leg was refused (and closed, counted and logged)."""
         try:
             if problem := self.transport.refuses(address):
                 raise vtunnel_trust.LegRefused("foreign cid", f"{problem}: the {self.other_end} is not there")
             if tunnel.leg_secret:
                 self.prove(tunnel, leg, vtunnel_trust.prove_as_acceptor)
-            header = tunnel.proxy_protocol and self.client_header(tunnel, leg, address)
+            return then() if then else True
         except vtunnel_trust.LegRefused as exc:
             self.refuse(tunnel, stats, leg, address, exc)
+            return None
+
+    def carry_leg(self, tunnel, stats, leg, address):
+        """A leg accepted from the other vtunnel: check who dialled it (admit), dial the upstream and pump."""
+        header = self.admit(tunnel, stats, leg, address, lambda: tunnel.proxy_protocol and self.client_header(
+            tunnel, leg, address) or b"")
+        if header is None:
             return
 
         def dial_upstream(timeout):
@@ -2942,7 +3039,7 @@ class Peer(Role):
         """The keys the peer uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.upstream if tunnel.reverse else
                 tunnel.peer, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret,
-                tunnel.proxy_protocol)
+                tunnel.proxy_protocol, tunnel.mirror_ports, tunnel.exclude_ports)
 
     def listening(self):
         return sum(run.up for run in self.service.runs.values() if run.end == self.end)
@@ -2955,7 +3052,10 @@ class Peer(Role):
         self.service.start_server(run, handshakes, partial(self.answer_handshake, run), f"{tunnel.name} handshake")
         log.info("%s: answering handshakes on %s", tunnel.name, handshakes)
         legs = self.transport.endpoint(tunnel.leg_port)
-        if tunnel.reverse:
+        if tunnel.mirror:
+            listen, handle, far = legs, partial(self.carry_mirror_leg, run), "the VM's listeners it reports"
+            self.service.spawn_for(run, self.watch_vm_ports, run)
+        elif tunnel.reverse:
             listen, handle, far = legs, partial(self.carry_leg, tunnel, run.stats), tunnel.upstream
         else:
             listen, far = tunnel.peer, legs
@@ -2965,6 +3065,70 @@ class Peer(Role):
                                            clients=not tunnel.reverse)
         run.set_state(f"listening on {server.where}", up=True)
         log.info("%s: listening on %s, carrying to %s", tunnel.name, server.where, far)
+
+    # -- a mirror (mirror-ports): the VM's listeners, each carried from the host (wire: vtunnel_mirror)
+
+    def watch_vm_ports(self, run):
+        """Keep run.mirrored the VM's TCP listeners on the entry's ports, but this process's own."""
+        tunnel = run.tunnel
+        wanted = tunnel.mirror_ports - tunnel.exclude_ports
+        while True:
+            ports = vtunnel_mirror.listening_ports(wanted, self.service.listener_inodes())
+            if ports != run.mirrored:
+                log.debug("%s: the VM listens on %s", tunnel.name, ", ".join(map(str, sorted(ports))) or "none of them")
+                run.mirrored, changed, run.mirror_changed = ports, run.mirror_changed, gevent.event.Event()
+                changed.set()
+            gevent.sleep(vtunnel_mirror.POLL_INTERVAL)
+
+    def carry_mirror_leg(self, run, leg, address):
+        """A leg of a mirror, once admitted: the host's control stream, or a client for one VM port."""
+        tunnel = run.tunnel
+        opening = self.admit(tunnel, run.stats, leg, address, lambda: self.read_mirror_opening(run, leg))
+        if opening is None:
+            return
+        kind, port = opening
+        if kind == vtunnel_mirror.CONTROL:  # a task of the run's: it ends when a reload retires the run
+            run.tasks.spawn(self.report_mirrored, run, leg).join()
+            return
+        target = TcpEndpoint(vtunnel_mirror.dial_address(run.mirrored[port]), port)
+        relay(tunnel, run.stats, self.service.connection_ids.accepted(address), leg,
+              target.connect, self.other_end, f"to {target}", leg_is_near=True)
+
+    def read_mirror_opening(self, run, leg):
+        """(CONTROL, None) or (LEG, a VM port mirrored now); refuses anything else."""
+        try:
+            with gevent.Timeout(run.tunnel.connect_timeout):
+                kind = vtunnel_trust.read_exactly(leg, vtunnel_mirror.KIND_SIZE)
+                if kind == vtunnel_mirror.LEG:
+                    port_bytes = vtunnel_trust.read_exactly(leg, 2)
+                    if len(port_bytes) < 2:
+                        raise vtunnel_trust.LegRefused("no mirror header", "the leg closed before its VM port")
+                    port = struct.unpack("!H", port_bytes)[0]
+                    if port not in run.mirrored:
+                        raise vtunnel_trust.LegRefused("not mirrored", f"VM port {port} is not mirrored now")
+                    return kind, port
+        except (OSError, gevent.Timeout) as exc:
+            raise vtunnel_trust.LegRefused("no mirror header", f"reading what the leg is for: {_reason(exc)}") from None
+        if kind != vtunnel_mirror.CONTROL:
+            raise vtunnel_trust.LegRefused("no mirror header", "the leg opened with neither a mirror's control "
+                                           "stream nor a VM port (another kind of tunnel at the other end?)")
+        return kind, None
+
+    def report_mirrored(self, run, control):
+        """The control stream: the whole set of mirrored ports now, and again at each change, until the
+        host closes it (a reader notices) or a send fails."""
+        log.info("%s: the host follows the VM's ports (%d now)", run.tunnel.name, len(run.mirrored))
+        closed = gevent.spawn(drain_until_closed, control)
+        try:
+            while not closed.ready():
+                changed = run.mirror_changed
+                control.sendall(vtunnel_mirror.ports_line(run.mirrored))
+                gevent.wait([changed, closed], count=1)
+        except OSError as exc:
+            log.info("%s: the control stream ended: %s", run.tunnel.name, _reason(exc))
+        finally:
+            closed.kill()
+            control.close()
 
     def answer_handshake(self, run, sock, address):
         run.handshake_answered = time.monotonic()
@@ -3026,7 +3190,7 @@ class Host(Role):
         """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.host_listen if tunnel.reverse else
                 tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret,
-                tunnel.proxy_protocol)
+                tunnel.proxy_protocol, tunnel.mirror, tunnel.host_port_offset)
 
     def status(self):
         runs = [run for run in self.service.runs.values() if run.end == self.end]
@@ -3034,7 +3198,95 @@ class Host(Role):
 
     def start_tunnel(self, run):
         run.set_state("looking for the peer")
-        self.service.spawn_for(run, self.serve_reverse if run.tunnel.reverse else self.serve_tunnel, run)
+        serve = self.serve_mirror if run.tunnel.mirror else self.serve_reverse if run.tunnel.reverse else \
+            self.serve_tunnel
+        self.service.spawn_for(run, serve, run)
+
+    # -- a mirror: a listener per VM port the peer reports on the control stream
+
+    def serve_mirror(self, run):
+        """Follow the peer's control stream and keep a listener for each VM port it reports; when the
+        stream ends (the peer restarted, the VM is gone), close them all and look for the peer again."""
+        tunnel, listeners = run.tunnel, {}
+        while True:
+            run.reach = self.wait_for_peer(run)
+            try:
+                self.follow_control(run, listeners)
+            except (OSError, ValueError, gevent.Timeout, vtunnel_trust.LegRefused) as exc:
+                problem = _reason(exc)
+            log.warning("%s: the control stream ended (%s): closing the %d mirrored port(s); looking for the peer "
+                        "again", tunnel.name, problem, len(listeners))
+            self.apply_mirrored(run, listeners, {})
+            run.set_state("looking for the peer again", up=False)
+            self.service.status_changed()
+            gevent.sleep(HANDSHAKE_BACKOFF[0])
+
+    def follow_control(self, run, listeners):
+        tunnel = run.tunnel
+        control = run.reach.endpoint(tunnel.vsock_peer_port).connect(tunnel.connect_timeout)
+        try:
+            if tunnel.leg_secret:
+                self.prove(tunnel, control, vtunnel_trust.prove_as_dialler)
+            control.sendall(vtunnel_mirror.CONTROL)
+            control.settimeout(MIRROR_RETRY)  # a quiet stream: time to try the ports that could not listen
+            pending, ports = b"", {}
+            while True:
+                try:
+                    data = control.recv(65536)
+                except socket.timeout:
+                    self.apply_mirrored(run, listeners, ports)
+                    continue
+                if not data:
+                    raise ConnectionResetError(errno.ECONNRESET, "the peer closed it")
+                pending += data
+                if len(pending) > vtunnel_mirror.MAX_LINE:
+                    raise ValueError("a control line longer than 1 MiB")
+                while b"\n" in pending:
+                    line, _, pending = pending.partition(b"\n")
+                    ports = vtunnel_mirror.parse_ports_line(line + b"\n")
+                    self.apply_mirrored(run, listeners, ports)
+        finally:
+            control.close()
+
+    def apply_mirrored(self, run, listeners, ports):
+        """Make `listeners` ({VM port: (server, VM address)}) the listeners `ports` ({VM port: VM
+        address}) asks for: close the gone, open the new. One that cannot listen is warned about once,
+        and tried again at the next report or after MIRROR_RETRY."""
+        tunnel = run.tunnel
+        for port in [port for port in listeners if listeners[port][1] != ports.get(port)]:
+            server, _ = listeners.pop(port)
+            server.close()  # its open connections run on
+            run.servers.remove(server)
+            log.info("%s: VM port %d is gone: no longer listening on %s", tunnel.name, port, server.where)
+        for port, address in sorted(ports.items()):
+            if port not in listeners:
+                self.mirror_port(run, listeners, port, address)
+        run.failed_ports = {port: reason for port, reason in run.failed_ports.items() if port in ports}
+        run.mirrored = {port: address for port, (_, address) in listeners.items()}
+        waiting = f"; {len(run.failed_ports)} cannot listen" if run.failed_ports else ""
+        run.set_state(f"connected to the peer; mirroring {len(listeners)} VM port(s) on {tunnel.host_listen.host}"
+                      f"{waiting}", up=True)
+        self.service.status_changed()
+
+    def mirror_port(self, run, listeners, port, address):
+        tunnel = run.tunnel
+        endpoint = TcpEndpoint(tunnel.host_listen.host, port + tunnel.host_port_offset)
+        try:
+            if not 1 <= endpoint.port <= 65535:
+                raise StartupError(f"host-port-offset {tunnel.host_port_offset:+d} makes it {endpoint.port}, "
+                                   "not a TCP port")
+            server = self.service.start_server(run, endpoint, partial(
+                self.carry_client, tunnel, lambda: run.reach.endpoint(tunnel.vsock_peer_port), run.stats,
+                leg_header=vtunnel_mirror.leg_header(port)), f"{tunnel.name} {port}", tunnel.max_connections)
+        except StartupError as exc:
+            if run.failed_ports.get(port) != str(exc):
+                log.warning("%s: VM port %d (%s) cannot be mirrored: %s; trying again later", tunnel.name, port,
+                            address, exc)
+            run.failed_ports[port] = str(exc)
+            return
+        run.failed_ports.pop(port, None)
+        listeners[port] = (server, address)
+        log.info("%s: VM port %d (%s) mirrored: listening on %s", tunnel.name, port, address, server.where)
 
     def serve_tunnel(self, run):
         tunnel = run.tunnel
@@ -3132,6 +3384,15 @@ def exchange_hint(tunnel, pump, leg_is_near):
         return ""
     return ("; the leg carried just the size of a leg-exchange hello: if the other end has a leg-secret-file, this "
             "end has no leg-secret-file: set it, to the same secret, at both ends")
+
+
+def drain_until_closed(sock):
+    """Read and drop until the other end closes or fails: how a writer notices a reader gone."""
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def client_addresses(sock):
@@ -3262,7 +3523,8 @@ def exposed_listener(tunnel):
     """Why the address the tunnel's clients connect to deserves a warning, or None."""
     if tunnel.clients_at.is_loopback:
         return None
-    reached = f"{tunnel.upstream} in the VM" if tunnel.reverse else f"{tunnel.upstream} through the host"
+    reached = ("every VM port it mirrors" if tunnel.mirror else f"{tunnel.upstream} in the VM" if tunnel.reverse
+               else f"{tunnel.upstream} through the host")
     return f"{tunnel.clients_at} is not a loopback address: anyone who can reach it reaches {reached}"
 
 
@@ -3298,8 +3560,13 @@ def format_table(tunnels):
     for t in tunnels:
         vsock_end, listen_end, upstream = ("peer", "host", f"{t.upstream} (in the VM)") if t.reverse else (
             "host", "peer", str(t.upstream))
+        listen = f"{listen_end} {t.clients_at}"
+        if t.mirror:
+            offset = f"{t.host_port_offset:+d}" if t.host_port_offset else ""
+            listen = f"host {format_host_port(t.host_listen.host, 'PORT' + offset)}"
+            upstream = f"the VM's listeners on {vtunnel_mirror.describe_ports(t.mirror_ports - t.exclude_ports)}"
         rows.append((t.name, t.direction, str(t.handshake_port), f"{vsock_end}:{t.leg_port}",
-                     f"{listen_end} {t.clients_at}", upstream, "secret" if t.leg_secret else "open"))
+                     listen, upstream, "secret" if t.leg_secret else "open"))
     return "\n".join(format_rows(rows))
 
 
@@ -3460,6 +3727,12 @@ def format_status(status):
                      str(tunnel["total"]), format_bytes(sent), format_bytes(received),
                      str(sum(tunnel["failures"].values())), tunnel["state"]))
     lines = [f"{status['status']}; reloads: {reloads}", "", *format_rows(rows)]
+    for tunnel in status["tunnels"]:
+        if tunnel.get("mirrored") and tunnel["end"] == "host":
+            lines += ["", f"{tunnel['tunnel']} mirrors:"] + [f"  VM {m['vm']} port {port} -> host {m['host']}"
+                                                             for port, m in tunnel["mirrored"].items()]
+        for port, why in tunnel.get("cannot_listen", {}).items():
+            lines.append(f"  VM port {port}: cannot listen: {why}")
     errors = [f"  {t['tunnel']} ({t['end']}): {t['last_error']}" for t in status["tunnels"] if t["last_error"]]
     return "\n".join(lines + (["", "last errors:"] + errors if errors else []))
 

@@ -1,7 +1,7 @@
 import pytest
-from hybrid_vmm import HybridVmm, UnixGuest, VsockGuest
 
 from helpers import Vtunnel, _next_vsock_port, echo_server, free_port, socket_dir, tunnel_entry, write_config
+from hybrid_vmm import HybridVmm, UnixGuest, VsockGuest
 
 
 class Deployment:

@@ -64,8 +64,9 @@ class Activated:
         """systemd-socket-activate becomes vtunnel (exec), or the script that runs it as a child."""
         if not self.script:
             return [self.process.pid] if self.process.poll() is None else []
-        found = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "vtunnel"], capture_output=True,
-                               text=True).stdout.split()
+        # (not just "vtunnel": the script's `cat $GATE` may have it in its path, as under the user vtunnel-test)
+        found = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "python.* -m vtunnel "],
+                               capture_output=True, text=True).stdout.split()
         return [int(pid) for pid in found]
 
     def stop(self):

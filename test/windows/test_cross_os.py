@@ -399,3 +399,35 @@ def test_a_windows_host_holds_thousands_of_idle_named_pipe_connections(tmp_path)
         peer.stop()
         host.stop()
         pipes.stop()
+
+
+def test_a_windows_host_mirrors_a_linux_peers_ports(tmp_path):
+    """mirror-ports with the host on Windows: a service started on the Linux side appears on the
+    Windows host's listener (VM port + offset), carries 4 MiB both ways, and goes when it stops."""
+    service = echo_server()
+    offset = 0
+    for offset in range(1000, 20000, 997):  # a host port that is free
+        try:
+            socket.create_server(("127.0.0.1", service.port + offset)).close()
+            break
+        except OSError:
+            continue
+    entry = {"name": "vm-ports", "handshake-port": free_port(), "vsock-peer-port": free_port(),
+             "mirror-ports": str(service.port), "host-listen-address": "127.0.0.1", "host-port-offset": offset}
+    config = write_config(tmp_path, [entry])
+    host = WineProcess(ROOT / "test/windows/run_vtunnel.py", "host", "--config-path", config,
+                       "--vsock", "tcp:127.0.0.1", marker=str(config))
+    peer = Vtunnel("peer", "--config-path", config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    port = service.port + offset
+    try:
+        host.wait_for(f"vm-ports: VM port {service.port} (127.0.0.1) mirrored: listening on 127.0.0.1:{port}")
+        payload = os.urandom(4 * 1024 * 1024)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            assert sha256(round_trip(sock, payload)) == sha256(payload)
+        service.stop()
+        host.wait_for(f"vm-ports: VM port {service.port} is gone: no longer listening on 127.0.0.1:{port}")
+    finally:
+        print("--- windows host:\n" + host.log + "\n--- linux peer:\n" + peer.log)
+        peer.stop()
+        host.stop()
+        service.stop()
