@@ -3256,7 +3256,8 @@ class Host(Role):
         for port in [port for port in listeners if listeners[port][1] != ports.get(port)]:
             server, _ = listeners.pop(port)
             server.close()  # its open connections run on
-            run.servers.remove(server)
+            if server in run.servers:  # (a retirement may have closed them all)
+                run.servers.remove(server)
             log.info("%s: VM port %d is gone: no longer listening on %s", tunnel.name, port, server.where)
         for port, address in sorted(ports.items()):
             if port not in listeners:
