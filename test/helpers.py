@@ -165,8 +165,17 @@ def reply_for(count, hexdigest):
     return f"{count} {hexdigest}\n".encode() * 20000
 
 
-def echo_server(port=0):
-    return _Server(_EchoHandler, ("127.0.0.1", port))
+class _Server6(_Server):
+    """An IPv6 _Server, for IPv6 only (IPV6_V6ONLY): a test of "::1" is not answered by IPv4 too."""
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def echo_server(port=0, host="127.0.0.1"):
+    return (_Server6 if ":" in host else _Server)(_EchoHandler, (host, port))
 
 
 def unix_echo_server(path):

@@ -21,52 +21,39 @@ import threading
 OK_ANSWER = b"OK 1073741824\n"  # the port number is the VMM's host-side one; its value is not used
 
 
-class UnixGuest:
+class Guest:
+    """The guest's vsock ports as one socket family sees them: `address(port)` to dial a port,
+    `listen_address(port)` to listen on one."""
+
+    def __init__(self, family, address, listen_address):
+        self.family, self.address, self.listen_address = family, address, listen_address
+
+    def dial(self, port):
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(self.address(port))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    def listen(self, port):
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.bind(self.listen_address(port))
+        sock.listen(64)
+        return sock
+
+
+def unix_guest(prefix):
     """Guest vsock port P is the Unix socket PREFIX_P."""
-
-    def __init__(self, prefix):
-        self.prefix = prefix
-
-    def dial(self, port):
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(5)
-        try:
-            sock.connect(f"{self.prefix}_{port}")
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(None)
-        return sock
-
-    def listen(self, port):
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(f"{self.prefix}_{port}")
-        sock.listen(64)
-        return sock
+    return Guest(socket.AF_UNIX, lambda port: f"{prefix}_{port}", lambda port: f"{prefix}_{port}")
 
 
-class VsockGuest:
+def vsock_guest(cid=1):
     """Guest vsock port P is AF_VSOCK port P at `cid` (1: the guest itself, with vsock_loopback)."""
-
-    def __init__(self, cid=1):
-        self.cid = cid
-
-    def dial(self, port):
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        try:
-            sock.connect((self.cid, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(None)
-        return sock
-
-    def listen(self, port):
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.bind((socket.VMADDR_CID_ANY, port))
-        sock.listen(64)
-        return sock
+    return Guest(socket.AF_VSOCK, lambda port: (cid, port), lambda port: (socket.VMADDR_CID_ANY, port))
 
 
 class HybridVmm:

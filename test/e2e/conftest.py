@@ -1,7 +1,7 @@
 import pytest
 
 from helpers import Vtunnel, _next_vsock_port, echo_server, free_port, socket_dir, tunnel_entry, write_config
-from hybrid_vmm import HybridVmm, UnixGuest, VsockGuest
+from hybrid_vmm import HybridVmm, unix_guest, vsock_guest
 
 
 class Deployment:
@@ -79,7 +79,7 @@ class Deployment:
 
     def _start_vmm(self):
         if self.vmm is None:
-            guest = UnixGuest(f"{self.vmm_dir}/guest") if self.mode == "hybrid" else VsockGuest(1)
+            guest = unix_guest(f"{self.vmm_dir}/guest") if self.mode == "hybrid" else vsock_guest(1)
             ports = [entry["vsock-host-port"] for entry in self.tunnels if "vsock-host-port" in entry]
             self.vmm = HybridVmm(f"{self.vmm_dir}/vmm.sock", guest, ports, self.vmm_answer)
 

@@ -19,6 +19,7 @@ from helpers import (
     _handed_out,
     _next_vsock_port,
     _worker_range,
+    echo_server,
     exchange,
     free_port,
     half_close_server,
@@ -115,40 +116,16 @@ def refused(port):
     return False
 
 
-class VmEcho(threading.Thread):
-    """A TCP echo service "in the VM" on `host` (127.0.0.1, ::1, 0.0.0.0 or ::)."""
-
-    def __init__(self, host="127.0.0.1", port=None):
-        super().__init__(daemon=True)
-        port = port or free_block(1)[0]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, dualstack_ipv6=False)
-        self.port = self.listener.getsockname()[1]
-        self.start()
-
-    def run(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def echo(conn):
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-
-    def stop(self):
-        self.listener.close()
+def vm_echo(host="127.0.0.1", port=None):
+    """A TCP echo service "in the VM" on `host` (127.0.0.1, ::1, 0.0.0.0 or ::), on a port of this
+    worker's range."""
+    return echo_server(port or free_block(1)[0], host)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_vm_service_appears_on_the_host_carries_every_byte_and_goes_when_it_stops(deployment, mode):
-    vm = VmEcho()
-    excluded = VmEcho()
+    vm = vm_echo()
+    excluded = vm_echo()
     offset = free_offset([vm.port, excluded.port])
     d = deployment(mode)
     mirror_entry(d, [vm.port, excluded.port], offset, **{"exclude-ports": str(excluded.port)})
@@ -169,7 +146,7 @@ def test_a_vm_service_appears_on_the_host_carries_every_byte_and_goes_when_it_st
 
 @pytest.mark.parametrize("mode", ["tcp", "unix"])
 def test_fifty_ports_at_once_and_one_the_host_cannot_bind(deployment, mode):
-    services = [VmEcho(port=port) for port in free_block(50)]
+    services = [vm_echo(port=port) for port in free_block(50)]
     ports = [s.port for s in services]
     offset = free_offset(ports)
     squatter = socket.create_server(("127.0.0.1", ports[7] + offset))  # taken on the host
@@ -204,7 +181,7 @@ def test_fifty_ports_at_once_and_one_the_host_cannot_bind(deployment, mode):
 def test_ipv6_only_and_wildcard_services_are_dialled_where_they_listen(deployment, address):
     if ":" in address and not socket.has_ipv6:
         pytest.skip("no IPv6")
-    vm = VmEcho(address)
+    vm = vm_echo(address)
     offset = free_offset([vm.port])
     d = deployment("tcp")
     mirror_entry(d, [vm.port], offset)
@@ -240,7 +217,7 @@ def _asks(port, request):
 
 @pytest.mark.parametrize("restarted", ["peer", "host"])
 def test_after_a_restart_the_hosts_listeners_converge_to_the_vms(deployment, restarted):
-    vm = VmEcho()
+    vm = vm_echo()
     offset = free_offset([vm.port])
     d = deployment("tcp")
     mirror_entry(d, [vm.port], offset)
@@ -261,7 +238,7 @@ def test_after_a_restart_the_hosts_listeners_converge_to_the_vms(deployment, res
 
 
 def test_a_reload_that_changes_the_ports_opens_and_closes_listeners(deployment):
-    first, second = VmEcho(), VmEcho()
+    first, second = vm_echo(), vm_echo()
     offset = free_offset([first.port, second.port])
     d = deployment("local")
     entry = mirror_entry(d, [first.port], offset)
@@ -277,7 +254,7 @@ def test_a_reload_that_changes_the_ports_opens_and_closes_listeners(deployment):
 
 
 def test_status_lists_the_mirrored_ports(deployment, tmp_path):
-    vm = VmEcho()
+    vm = vm_echo()
     offset = free_offset([vm.port])
     metrics = free_port()
     d = deployment("tcp")
@@ -330,7 +307,7 @@ def test_the_mirrors_own_listeners_are_never_mirrored(deployment):
     """In one process (local) the host's listener for VM port p is at p + offset: with that port in
     mirror-ports too, it is the process's own and is skipped (a loop otherwise)."""
     first, second = free_block(2)
-    vm = VmEcho(port=first)
+    vm = vm_echo(port=first)
     later = socket.socket()  # bound now (its port is known), listening only once the first is mirrored
     later.bind(("127.0.0.1", second))
     offset = free_offset([first, second])
@@ -350,7 +327,7 @@ def test_only_the_other_vtunnel_gets_a_vm_port_and_only_a_mirrored_one(deploymen
     """A leg to the peer's vsock port asking for a VM port it does not mirror (ssh's, say) is refused
     before anything is dialled; with a leg-secret-file, a dialler without the secret gets nothing."""
     from test_trust import write_secret
-    vm, secret_service = VmEcho(), VmEcho()
+    vm, secret_service = vm_echo(), vm_echo()
     offset = free_offset([vm.port])
     d = deployment("tcp")
     entry = mirror_entry(d, [vm.port], offset, **{"leg-secret-file": write_secret(tmp_path / "leg.secret")})
@@ -370,7 +347,7 @@ def test_only_the_other_vtunnel_gets_a_vm_port_and_only_a_mirrored_one(deploymen
 
 
 def test_a_vm_port_not_mirrored_is_refused_on_the_leg(deployment):
-    vm, other = VmEcho(), VmEcho()
+    vm, other = vm_echo(), vm_echo()
     offset = free_offset([vm.port])
     d = deployment("tcp")
     entry = mirror_entry(d, [vm.port], offset)
