@@ -165,6 +165,7 @@ METRICS_SLOTS = 64  # connections the --metrics endpoint serves at once
 METRICS_TIMEOUT = 10.0  # seconds a metrics connection may be silent before it is dropped
 RELOAD_WAIT = 5.0  # seconds a reload waits for its new tunnels to listen before it answers "pending"
 MIRROR_RETRY = 10.0  # seconds between tries of a mirrored port the host could not listen on
+MIRROR_MAX_PORTS = 4096  # listeners one mirror opens at most: a VM cannot spend all the host's descriptors
 ASK_TIMEOUT = 30.0  # seconds `vtunnel status` and `vtunnel reload` wait for an answer
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -2293,6 +2294,7 @@ class TunnelRun:
         self.handshake_answered = None  # at the peer: when the host last handshook (time.monotonic())
         self.mirrored = {}  # a mirror's VM ports now: {port: the address the service listens on}
         self.failed_ports = {}  # at the host: a mirror's VM ports that could not listen, and why
+        self.mirror_warnings = set()  # at the host: what it has warned about once (ports not ours, too many)
         self.mirror_changed = gevent.event.Event()  # at the peer: set (and replaced) when `mirrored` changes
 
     def set_state(self, state, up=None, error=None):
@@ -3190,7 +3192,7 @@ class Host(Role):
         """The keys the host uses: a reload that changes none of them leaves its tunnel alone."""
         return (tunnel.reverse, tunnel.handshake_port, tunnel.leg_port, tunnel.host_listen if tunnel.reverse else
                 tunnel.upstream, tunnel.max_connections, tunnel.connect_timeout, tunnel.idle_timeout, tunnel.leg_secret,
-                tunnel.proxy_protocol, tunnel.mirror, tunnel.host_port_offset)
+                tunnel.proxy_protocol, tunnel.mirror_ports, tunnel.exclude_ports, tunnel.host_port_offset)
 
     def status(self):
         runs = [run for run in self.service.runs.values() if run.end == self.end]
@@ -3243,10 +3245,30 @@ class Host(Role):
                     raise ValueError("a control line longer than 1 MiB")
                 while b"\n" in pending:
                     line, _, pending = pending.partition(b"\n")
-                    ports = vtunnel_mirror.parse_ports_line(line + b"\n")
+                    ports = self.ports_to_mirror(run, vtunnel_mirror.parse_ports_line(line + b"\n"))
                     self.apply_mirrored(run, listeners, ports)
         finally:
             control.close()
+
+    @staticmethod
+    def ports_to_mirror(run, reported):
+        """Of the ports the peer reports, those this end's config mirrors (the host's config decides
+        where the host listens, whatever a peer says), at most MIRROR_MAX_PORTS of them."""
+        tunnel = run.tunnel
+        wanted = tunnel.mirror_ports - tunnel.exclude_ports
+        ports = {port: address for port, address in reported.items() if port in wanted}
+        if len(ports) < len(reported) and "foreign" not in run.mirror_warnings:
+            log.warning("%s: the peer reports VM ports this config does not mirror (%s): not listened on (are the "
+                        "two ends' configs the same?)", tunnel.name, vtunnel_mirror.describe_ports(
+                            set(reported) - set(ports)))
+            run.mirror_warnings.add("foreign")
+        if len(ports) > MIRROR_MAX_PORTS:
+            if "many" not in run.mirror_warnings:
+                log.warning("%s: the VM listens on %d mirrored ports; the host listens for the first %d", tunnel.name,
+                            len(ports), MIRROR_MAX_PORTS)
+                run.mirror_warnings.add("many")
+            ports = dict(sorted(ports.items())[:MIRROR_MAX_PORTS])
+        return ports
 
     def apply_mirrored(self, run, listeners, ports):
         """Make `listeners` ({VM port: (server, VM address)}) the listeners `ports` ({VM port: VM

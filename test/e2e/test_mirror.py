@@ -362,3 +362,27 @@ def test_a_vm_port_not_mirrored_is_refused_on_the_leg(deployment):
     d.peer.wait_for_log(f"VM port {other.port} is not mirrored now")
     vm.stop()
     other.stop()
+
+
+def test_the_host_listens_only_on_ports_its_own_config_mirrors(tmp_path):
+    """A peer (or a VM) reporting more ports than the host's config mirrors gets none of the others: the
+    host's config decides where the host listens, and says once that the two configs differ."""
+    ours, theirs = vm_echo(), vm_echo()
+    offset = free_offset([ours.port, theirs.port])
+    entry = {"name": "vm-ports", "handshake-port": free_port(), "vsock-peer-port": free_port(),
+             "host-port-offset": offset}
+    (tmp_path / "peer").mkdir()
+    (tmp_path / "host").mkdir()
+    peer_config = write_config(tmp_path / "peer", [{**entry, "mirror-ports": f"{ours.port},{theirs.port}"}])
+    host_config = write_config(tmp_path / "host", [{**entry, "mirror-ports": str(ours.port)}])
+    peer = Vtunnel("peer", "--config-path", peer_config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    host = Vtunnel("host", "--config-path", host_config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
+    try:
+        wait_until(lambda: answers(ours.port + offset), what="the port both configs mirror")
+        host.wait_for_log(f"vm-ports: the peer reports VM ports this config does not mirror ({theirs.port})")
+        assert refused(theirs.port + offset) and host.log.count("does not mirror") == 1
+    finally:
+        peer.stop()
+        host.stop()
+        ours.stop()
+        theirs.stop()
