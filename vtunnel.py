@@ -1390,6 +1390,11 @@ class TunnelRemoved(gevent.GreenletExit):
     culprit = "removed by a reload"
 
 
+class PortGone(gevent.GreenletExit):
+    """What kills a connection of a mirrored port the VM stopped listening on, once the grace period is over."""
+    culprit = "its VM port closed"
+
+
 def closed_outright(sock):
     """After an end of stream: whether the far end closed the socket rather than half-closing it.
 
@@ -3277,10 +3282,11 @@ class Host(Role):
         tunnel = run.tunnel
         for port in [port for port in listeners if listeners[port][1] != ports.get(port)]:
             server, _ = listeners.pop(port)
-            server.close()  # its open connections run on
-            if server in run.servers:  # (a retirement may have closed them all)
-                run.servers.remove(server)
-            log.info("%s: VM port %d is gone: no longer listening on %s", tunnel.name, port, server.where)
+            server.close()
+            log.info("%s: VM port %d is gone: no longer listening on %s%s", tunnel.name, port, server.where,
+                     f"; {len(server.pool)} open connection(s) have {self.service.grace:g}s to finish"
+                     if len(server.pool) else "")
+            self.service.greenlets.spawn(self.finish_port, run, server)
         for port, address in sorted(ports.items()):
             if port not in listeners:
                 self.mirror_port(run, listeners, port, address)
@@ -3290,6 +3296,13 @@ class Host(Role):
         run.set_state(f"connected to the peer; mirroring {len(listeners)} VM port(s) on {tunnel.host_listen.host}"
                       f"{waiting}", up=True)
         self.service.status_changed()
+
+    def finish_port(self, run, server):
+        """A closed port's open connections have the grace period to finish; then it is forgotten. Until
+        then it stays among the run's servers, so a stop or a reload finishes it as it does the others."""
+        finish_connections([server], self.service.grace, PortGone)
+        if server in run.servers:  # (a retirement may have closed them all)
+            run.servers.remove(server)
 
     def mirror_port(self, run, listeners, port, address):
         tunnel = run.tunnel

@@ -23,6 +23,7 @@ from helpers import (
     exchange,
     free_port,
     half_close_server,
+    how_it_ended,
     reply_for,
     run_vtunnel,
     sha256,
@@ -386,3 +387,24 @@ def test_the_host_listens_only_on_ports_its_own_config_mirrors(tmp_path):
         host.stop()
         ours.stop()
         theirs.stop()
+
+
+def test_a_port_that_goes_keeps_its_connections_for_the_grace_period(deployment):
+    """The VM's service stops listening but its open connection goes on: through the host it carries on
+    for --grace seconds (2 in these tests), then is ended as a failure, and the log says why."""
+    vm = vm_echo()
+    offset = free_offset([vm.port])
+    d = deployment("tcp")
+    mirror_entry(d, [vm.port], offset)
+    d.start()
+    wait_until(lambda: answers(vm.port + offset), what="the mirrored port")
+    with socket.create_connection(("127.0.0.1", vm.port + offset), timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(100) == b"before"
+        vm.stop()  # the listener closes; the connection's handler in the VM runs on
+        d.host.wait_for_log(f"VM port {vm.port} is gone: no longer listening on 127.0.0.1:{vm.port + offset}; "
+                            "1 open connection(s) have 2s to finish")
+        sock.sendall(b"during")
+        assert sock.recv(100) == b"during"
+        assert how_it_ended(sock)[0] in ("reset", "eof")
+    d.host.wait_for_log("failed (its VM port closed: grace period over)")
