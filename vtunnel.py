@@ -73,7 +73,7 @@ unavailable), 2 bad command line or config.
 # Three sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
 # pipes, and the overlapped I/O through one completion port that the Windows host's streams share),
 # vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log)
-# and vtunnel_mirror (mirror-ports: the VM's listeners, read from /proc, and the mirror's wire). Section 8
+# and vtunnel_mirror (mirror-ports: the VM's listeners, asked of the kernel, and the mirror's wire). Section 8
 # carries a mirror's control stream and legs (Peer.watch_vm_ports, Host.serve_mirror).
 #
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock

@@ -1,7 +1,8 @@
 """vtunnel_mirror: what port mirroring needs that is not a tunnel (`mirror-ports` entries).
 
-The peer finds the VM's TCP listeners here (/proc/net/tcp and tcp6, LISTEN state, on a loopback or
-wildcard address) and the two ends speak the mirror's wire here. vtunnel.py carries the bytes; this
+The peer finds the VM's TCP listeners here (sock_diag over netlink, as `ss -ltn` does, or /proc/net/tcp
+and tcp6 where that is refused; those on a loopback or wildcard address) and the two ends speak the
+mirror's wire here. vtunnel.py carries the bytes; this
 module imports nothing of it.
 
 The wire, on the entry's vsock-peer-port, after the leg checks every leg has (the transport's source
