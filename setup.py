@@ -4,7 +4,7 @@ setup(
     name="vtunnel",
     version="0.1.0",
     description="A TCP tunnel over VM sockets (AF_VSOCK, Hyper-V sockets), wire-compatible with the Go vtunnel",
-    py_modules=["vtunnel", "vtunnel_mirror", "vtunnel_npipe", "vtunnel_trust"],
+    py_modules=["vtunnel", "vtunnel_metrics", "vtunnel_mirror", "vtunnel_npipe", "vtunnel_trust"],
     python_requires=">=3.10",
     # The pump waits with three gevent internals (vtunnel.wait_ready): the range is what tox's
     # gevent-oldest and gevent-newest environments test.

@@ -63,18 +63,20 @@ unavailable), 2 bad command line or config.
 #   6. The pump                  Pump: two streams, two greenlets, every byte; splice on Linux; OffLoop:
 #                                a bulk direction carried by a thread, so interactive ones never wait
 #   7. Servers and the service   accept loops, counters (Stats), a TunnelRun per tunnel and end, signals,
-#                                reload (SIGHUP, POST /reload), the grace period, the exit code, --metrics;
-#                                systemd's side: sd_notify (Notifier), socket activation (ActivatedSockets)
+#                                reload (SIGHUP, POST /reload), the grace period, the exit code, the
+#                                --metrics listener; systemd's side: sd_notify (Notifier), socket
+#                                activation (ActivatedSockets)
 #   8. Peer and host             the two roles (Role: carry a client to a leg, or a leg to the upstream;
 #                                forward or reverse); relay() dials the far end for each connection and pumps
 #   9. Finding the VM            Windows: every running VM is handshaked at once
 #  10. Command line              parse_args, run, main; status and reload ask a running vtunnel
 #
-# Three sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
+# Four sibling modules, imported by this one and importing nothing of it: vtunnel_npipe (Windows: named
 # pipes, and the overlapped I/O through one completion port that the Windows host's streams share),
-# vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log)
-# and vtunnel_mirror (mirror-ports: the VM's listeners, asked of the kernel, and the mirror's wire). Section 8
-# carries a mirror's control stream and legs (Peer.watch_vm_ports, Host.serve_mirror).
+# vtunnel_trust (leg-secret-file: the leg exchange that proves both ends hold the secret; the refusal log),
+# vtunnel_mirror (mirror-ports: the VM's listeners, asked of the kernel, and the mirror's wire; section 8
+# carries a mirror's control stream and legs) and vtunnel_metrics (the --metrics HTTP application, which
+# section 7 serves).
 #
 # A new kind of endpoint subclasses Endpoint (listen, connect, close_listener, __str__). A new vsock
 # family subclasses Transport (family, listen_address, dial_address; refuses, if it can tell who
@@ -115,6 +117,7 @@ try:
     import greenlet
     import yaml
 
+    import vtunnel_metrics
     import vtunnel_mirror
     import vtunnel_npipe
     import vtunnel_trust
@@ -162,7 +165,6 @@ STREAM_CEILING = 20_000  # Windows: overlapped streams (connection ends) the pro
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 BROKEN_LISTENER_ERRORS = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)  # gevent's fatal_errors too
 METRICS_SLOTS = 64  # connections the --metrics endpoint serves at once
-METRICS_TIMEOUT = 10.0  # seconds a metrics connection may be silent before it is dropped
 RELOAD_WAIT = 5.0  # seconds a reload waits for its new tunnels to listen before it answers "pending"
 MIRROR_RETRY = 10.0  # seconds between tries of a mirrored port the host could not listen on
 MIRROR_MAX_PORTS = 4096  # listeners one mirror opens at most: a VM cannot spend all the host's descriptors
@@ -2302,6 +2304,17 @@ class TunnelRun:
         self.mirror_warnings = set()  # at the host: what it has warned about once (ports not ours, too many)
         self.mirror_changed = gevent.event.Event()  # at the peer: set (and replaced) when `mirrored` changes
 
+    def mirror_status(self):
+        """A mirror's ports for /status: {VM port: {"vm": the address the service listens on, "host": where
+        the host listens for it}} (the host lists those it listens on; the peer, those it reports)."""
+        tunnel = self.tunnel
+        if not tunnel.mirror:
+            return {}
+        host = tunnel.host_listen.host
+        mirrored = {str(port): {"vm": address, "host": format_host_port(host, port + tunnel.host_port_offset)}
+                    for port, address in sorted(self.mirrored.items())}
+        return {"mirrored": mirrored, "cannot_listen": {str(port): why for port, why in self.failed_ports.items()}}
+
     def set_state(self, state, up=None, error=None):
         self.state = state
         self.up = self.up if up is None else up
@@ -2579,7 +2592,7 @@ class Service:
         """/metrics (the Prometheus text format, by prometheus_client), /status (JSON) and POST
         /reload on gevent's pywsgi, from the same counters the log shows, live."""
         try:
-            import prometheus_client  # noqa: F401 (MetricsApp's)
+            import prometheus_client  # noqa: F401 (vtunnel_metrics')
         except ImportError:
             raise StartupError("--metrics needs the prometheus_client package: pip install prometheus_client") from None
         if not endpoint.is_loopback:
@@ -2591,7 +2604,8 @@ class Service:
             except OSError as exc:
                 raise StartupError(f"--metrics: cannot listen on {endpoint}: {_reason(exc)}") from None
             self.cleanups.append(endpoint.close_listener)
-        server = MetricsServer(listener, MetricsApp(self), spawn=gevent.pool.Pool(METRICS_SLOTS), log=None,
+        server = vtunnel_metrics.MetricsServer(listener, vtunnel_metrics.MetricsApp(self),
+                                               spawn=gevent.pool.Pool(METRICS_SLOTS), log=None,
                                error_log=log)
         server.start()
         self.servers.append(server)
@@ -2682,135 +2696,6 @@ def monotonic_usec():
     """CLOCK_MONOTONIC in microseconds, as sd_notify's MONOTONIC_USEC= wants it."""
     clock = getattr(time, "CLOCK_MONOTONIC", None)
     return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
-
-
-class MetricsServer(gevent.pywsgi.WSGIServer):
-    """pywsgi with a deadline on every connection: a client that connects and sends nothing (or
-    too slowly) is dropped after METRICS_TIMEOUT, so no one holds the endpoint's slots by waiting."""
-
-    def handle(self, sock, address):
-        sock.settimeout(METRICS_TIMEOUT)
-        super().handle(sock, address)
-
-
-def trusted_host(header):
-    """Whether a request's Host header may reach the metrics endpoint: none, localhost, or an IP literal.
-
-    A web page that rebinds its own DNS name to 127.0.0.1 becomes same-origin with this endpoint, but
-    its requests still carry its name in Host: refused here, so it can neither read /status nor reload.
-    """
-    if not header:
-        return True
-    bracketed = re.fullmatch(r"\[([^\]]+)\](:\d+)?", header)  # [IPv6] or [IPv6]:port
-    host = bracketed.group(1) if bracketed else header.partition(":")[0]
-    return host.lower() == "localhost" or _is_ip(host)
-
-
-class MetricsApp:
-    """The WSGI application behind --metrics: GET /metrics and /status, POST /reload."""
-
-    def __init__(self, service):
-        import prometheus_client.core
-        import prometheus_client.exposition
-        self.service = service
-        self.registry = prometheus_client.core.CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-        self.exposition = prometheus_client.exposition
-
-    def __call__(self, environ, start_response):
-        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
-        if not trusted_host(environ.get("HTTP_HOST")):
-            return answer(start_response, "403 Forbidden", b"Host must be localhost or an IP address\n")
-        if path == "/reload":
-            return self.reload(environ, start_response)
-        if path == "/metrics":
-            body, kind = self.exposition.generate_latest(self.registry), self.exposition.CONTENT_TYPE_LATEST
-        elif path == "/status":
-            body, kind = json_body(self.status())
-        else:
-            return answer(start_response, "404 Not Found", b"try /metrics, /status or POST /reload\n")
-        if method not in ("GET", "HEAD"):
-            return answer(start_response, "405 Method Not Allowed", b"GET only\n")
-        return answer(start_response, "200 OK", body, kind)
-
-    def reload(self, environ, start_response):
-        # A header no HTML form can send: a web page the user visits cannot make a browser post
-        # to this loopback port without a CORS preflight, which nothing here answers.
-        if environ.get("REQUEST_METHOD") != "POST" or environ.get("HTTP_X_VTUNNEL") != "reload":
-            return answer(start_response, "405 Method Not Allowed", b"POST with the header X-Vtunnel: reload\n")
-        log.info("POST /reload: reloading %s", self.service.config_path)
-        outcome = self.service.reload()
-        status = "200 OK" if outcome["result"] in ("ok", "pending") else "409 Conflict"
-        return answer(start_response, status, *json_body(outcome))
-
-    def collect(self):
-        """prometheus_client's collector protocol: one family per counter, a sample per tunnel and end."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        labels = ["tunnel", "end"]
-        up = GaugeMetricFamily("vtunnel_tunnel_up", "1 when the tunnel listens (and, on the host, its peer "
-                               "answered the last handshake)", labels=labels)
-        open_ = GaugeMetricFamily("vtunnel_connections_open", "Connections open now", labels=labels)
-        total = CounterMetricFamily("vtunnel_connections", "Connections carried", labels=labels)
-        moved = CounterMetricFamily("vtunnel_bytes", "Bytes carried, counted as they move",
-                                    labels=labels + ["direction"])
-        failures = CounterMetricFamily("vtunnel_failures", "Connections that failed", labels=labels + ["cause"])
-        refused = CounterMetricFamily("vtunnel_refused", "Tunnel legs refused before anything was dialled "
-                                      "(a foreign CID, the leg exchange failed)", labels=labels + ["reason"])
-        reloads = CounterMetricFamily("vtunnel_reloads", "Reloads of the config, by result", labels=["result"])
-        for run in self.service.runs.values():
-            stats, ids = run.stats, [run.tunnel.name, run.end]
-            up.add_metric(ids, int(run.up))
-            open_.add_metric(ids, stats.open)
-            total.add_metric(ids, stats.total)
-            sent = stats.sent
-            moved.add_metric(ids + [f"to {stats.far_name}"], sent[0])
-            moved.add_metric(ids + ["back"], sent[1])
-            for cause, count in stats.failures.items():
-                failures.add_metric(ids + [cause], count)
-            for reason, count in stats.refused.items():
-                refused.add_metric(ids + [reason], count)
-        for result, count in self.service.reloads.items():
-            reloads.add_metric([result], count)
-        mirrored = GaugeMetricFamily("vtunnel_mirrored_ports", "VM ports a mirror carries now (the host: those it "
-                                     "listens on; the peer: those it reports)", labels=labels)
-        for run in self.service.runs.values():
-            if run.tunnel.mirror:
-                mirrored.add_metric([run.tunnel.name, run.end], len(run.mirrored))
-        return [up, open_, total, moved, failures, refused, reloads, mirrored]
-
-    def status(self):
-        return {"status": self.service.status(), "reloads": dict(self.service.reloads),
-                "tunnels": [self.tunnel_status(run) for run in self.service.runs.values()]}
-
-    @staticmethod
-    def tunnel_status(run):
-        stats, sent = run.stats, run.stats.sent  # summed over the open connections: once
-        return {"tunnel": run.tunnel.name, "end": run.end, "up": run.up, "state": run.state,
-                "open": stats.open, "total": stats.total,
-                "bytes": {f"to {stats.far_name}": sent[0], "back": sent[1]}, "failures": dict(stats.failures),
-                "refused": dict(stats.refused), "leg_secret": bool(run.tunnel.leg_secret),
-                "last_error": stats.last_error, **MetricsApp.mirror_status(run)}
-
-    @staticmethod
-    def mirror_status(run):
-        """A mirror's ports: {VM port: {"vm": the address the service listens on, "host": where the host
-        listens for it}} (the host lists those it listens on; the peer, those it reports)."""
-        tunnel = run.tunnel
-        if not tunnel.mirror:
-            return {}
-        host = tunnel.host_listen.host
-        mirrored = {str(port): {"vm": address, "host": format_host_port(host, port + tunnel.host_port_offset)}
-                    for port, address in sorted(run.mirrored.items())}
-        return {"mirrored": mirrored, "cannot_listen": {str(port): why for port, why in run.failed_ports.items()}}
-
-
-def json_body(value):
-    return json.dumps(value, indent=1).encode() + b"\n", "application/json"
-
-
-def answer(start_response, status, body, kind="text/plain"):
-    start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def raise_descriptor_limit():
