@@ -85,7 +85,7 @@ def listening_ports(wanted, excluded_inodes=frozenset()):
     found = {}
     try:
         listeners = _diag_listeners()
-    except OSError:
+    except (OSError, AttributeError):  # refused, or no AF_NETLINK (not Linux: /proc says nothing either)
         listeners = _proc_listeners()
     for ip, port, inode in listeners:
         if port in wanted and str(inode) not in excluded_inodes and (ip.is_loopback or ip.is_unspecified):

@@ -49,3 +49,10 @@ def test_sock_diag_and_proc_agree_on_a_listener_of_ours(host):
         inode = str(next(iter(ours))[2])
         assert mirror.listening_ports({port}, {inode}) == {}  # a process's own listener is left out
     assert mirror.listening_ports({port}) == {}
+
+
+def test_without_netlink_the_listeners_come_from_proc(monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        monkeypatch.delattr(socket, "AF_NETLINK")
+        assert mirror.listening_ports({port}) == {port: "127.0.0.1"}
