@@ -337,6 +337,7 @@ def test_only_the_other_vtunnel_gets_a_vm_port_and_only_a_mirrored_one(deploymen
     for opening in (b"VTML" + secret_service.port.to_bytes(2, "big"), b"VTMC"):
         with socket.create_connection(("127.0.0.1", entry["vsock-peer-port"]), timeout=10) as sock:
             sock.sendall(opening)
+            sock.settimeout(30)  # 4 bytes are fewer than the exchange's hello: refused at connect-timeout (10 s)
             try:
                 assert sock.recv(100) == b""  # no ports, no service: closed (or reset)
             except ConnectionResetError:
