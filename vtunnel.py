@@ -2208,8 +2208,7 @@ class ActivatedSockets:
 
     def __init__(self, environ=os.environ):
         self.sockets = []  # [name, socket, taken by] per passed socket
-        variables = [environ.pop(name, "") for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")]
-        pid, count, names = variables
+        pid, count, names = (environ.pop(name, "") for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
         if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
             return
         names = names.split(":") if names else []

@@ -37,14 +37,10 @@ def trusted_host(header):
         return True
     bracketed = re.fullmatch(r"\[([^\]]+)\](:\d+)?", header)  # [IPv6] or [IPv6]:port
     host = bracketed.group(1) if bracketed else header.partition(":")[0]
-    return host.lower() == "localhost" or _is_ip(host)
-
-
-def _is_ip(text):
     try:
-        ipaddress.ip_address(text)
+        ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return host.lower() == "localhost"
     return True
 
 

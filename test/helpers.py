@@ -244,6 +244,14 @@ def exchange(port, payload, timeout=60.0, host="127.0.0.1"):
         return exchange_on(sock, payload)
 
 
+def unix_exchange(path, payload, timeout=60.0):
+    """exchange() through a Unix socket: send payload, half-close, read to the end."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        return exchange_on(sock, payload)
+
+
 def exchange_on(sock, payload):
     """Send payload (then half-close) while reading to the end; what arrived. Raises what failed."""
     received, failure = exchange_partly(sock, payload)
@@ -532,6 +540,17 @@ class Recording:
     def sendall(self, data):
         self.sent.append(bytes(data))
         self.sock.sendall(data)
+
+
+def refuses(port):
+    """Whether a connection to the loopback `port` is refused now (nothing listens there)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def listening(port):

@@ -20,10 +20,12 @@ from helpers import (
     _next_vsock_port,
     _worker_range,
     echo_server,
+    echo_works,
     exchange,
     free_port,
     half_close_server,
     how_it_ended,
+    refuses,
     reply_for,
     run_vtunnel,
     sha256,
@@ -100,23 +102,6 @@ def host_log(d):
     return (d.local or d.host).log
 
 
-def answers(port, payload=b"ping"):
-    try:
-        return exchange(port, payload, timeout=5) == payload
-    except OSError:
-        return False
-
-
-def refused(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def vm_echo(host="127.0.0.1", port=None):
     """A TCP echo service "in the VM" on `host` (127.0.0.1, ::1, 0.0.0.0 or ::), on a port of this
     worker's range."""
@@ -132,14 +117,14 @@ def test_a_vm_service_appears_on_the_host_carries_every_byte_and_goes_when_it_st
     mirror_entry(d, [vm.port, excluded.port], offset, **{"exclude-ports": str(excluded.port)})
     d.start()
     host_port = vm.port + offset
-    wait_until(lambda: answers(host_port), what="the VM's port on the host")
+    wait_until(lambda: echo_works(host_port), what="the VM's port on the host")
     payload = os.urandom(32 * MiB)
     assert sha256(exchange(host_port, payload)) == sha256(payload)
     log = host_log(d)
     assert f"vm-ports: VM port {vm.port} (127.0.0.1) mirrored: listening on 127.0.0.1:{host_port}" in log
-    assert f"VM port {excluded.port} " not in log and refused(excluded.port + offset)  # excluded: never there
+    assert f"VM port {excluded.port} " not in log and refuses(excluded.port + offset)  # excluded: never there
     vm.stop()
-    wait_until(lambda: refused(host_port), what="the host's listener to go")
+    wait_until(lambda: refuses(host_port), what="the host's listener to go")
     wait_until(lambda: f"vm-ports: VM port {vm.port} is gone: no longer listening on 127.0.0.1:{host_port}"
                in host_log(d), what="the line saying so")
     excluded.stop()
@@ -155,7 +140,7 @@ def test_fifty_ports_at_once_and_one_the_host_cannot_bind(deployment, mode):
     mirror_entry(d, ports, offset)
     d.start()
     try:
-        wait_until(lambda: all(answers(p + offset) for i, p in enumerate(ports) if i != 7), timeout=30,
+        wait_until(lambda: all(echo_works(p + offset) for i, p in enumerate(ports) if i != 7), timeout=30,
                    what="49 ports on the host")
         results = {}
 
@@ -171,7 +156,7 @@ def test_fifty_ports_at_once_and_one_the_host_cannot_bind(deployment, mode):
         d.host.wait_for_log(f"vm-ports: VM port {ports[7]} (127.0.0.1) cannot be mirrored: tunnel 'vm-ports': "
                             f"cannot listen on 127.0.0.1:{ports[7] + offset}: address already in use; trying again")
         squatter.close()  # tried again at the next report or within 10 s
-        wait_until(lambda: answers(ports[7] + offset), timeout=30, what="the port once it is free")
+        wait_until(lambda: echo_works(ports[7] + offset), timeout=30, what="the port once it is free")
     finally:
         squatter.close()
         for s in services:
@@ -187,7 +172,7 @@ def test_ipv6_only_and_wildcard_services_are_dialled_where_they_listen(deploymen
     d = deployment("tcp")
     mirror_entry(d, [vm.port], offset)
     d.start()
-    wait_until(lambda: answers(vm.port + offset), what="the VM's port on the host")
+    wait_until(lambda: echo_works(vm.port + offset), what="the VM's port on the host")
     assert f"VM port {vm.port} ({address}) mirrored" in d.host.log
     vm.stop()
 
@@ -199,7 +184,7 @@ def test_half_close_and_a_reset_travel_through_a_mirrored_port(deployment):
     mirror_entry(d, [upstream.port], offset)
     d.start()
     port = upstream.port + offset
-    wait_until(lambda: not refused(port), what="the mirrored port")
+    wait_until(lambda: not refuses(port), what="the mirrored port")
     request = os.urandom(2 * MiB)
     wait_until(lambda: _asks(port, request), what="a whole reply after the half-close")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -224,17 +209,17 @@ def test_after_a_restart_the_hosts_listeners_converge_to_the_vms(deployment, res
     mirror_entry(d, [vm.port], offset)
     d.start()
     port = vm.port + offset
-    wait_until(lambda: answers(port), what="the mirrored port")
+    wait_until(lambda: echo_works(port), what="the mirrored port")
     if restarted == "peer":
         d.peer.stop()
-        wait_until(lambda: refused(port), what="the host to close the port of a peer that is gone")
+        wait_until(lambda: refuses(port), what="the host to close the port of a peer that is gone")
         d.host.wait_for_log("vm-ports: the control stream ended")
         d.start_peer()
     else:
         d.host.stop()
-        assert refused(port)
+        assert refuses(port)
         d.start_host()
-    wait_until(lambda: answers(port), timeout=30, what="the mirrored port again")
+    wait_until(lambda: echo_works(port), timeout=30, what="the mirrored port again")
     vm.stop()
 
 
@@ -244,12 +229,12 @@ def test_a_reload_that_changes_the_ports_opens_and_closes_listeners(deployment):
     d = deployment("local")
     entry = mirror_entry(d, [first.port], offset)
     d.start()
-    wait_until(lambda: answers(first.port + offset), what="the first port")
-    assert refused(second.port + offset)
+    wait_until(lambda: echo_works(first.port + offset), what="the first port")
+    assert refuses(second.port + offset)
     entry["mirror-ports"] = str(second.port)
     write_config(d.tmp_path, d.tunnels)
     d.local.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: answers(second.port + offset) and refused(first.port + offset), what="the ports swapped")
+    wait_until(lambda: echo_works(second.port + offset) and refuses(first.port + offset), what="the ports swapped")
     first.stop()
     second.stop()
 
@@ -263,7 +248,7 @@ def test_status_lists_the_mirrored_ports(deployment, tmp_path):
     d.start_peer()
     d.host = Vtunnel("host", "--config-path", d.config, "--vsock", "tcp:127.0.0.1", "--metrics",
                      f"127.0.0.1:{metrics}", log_dir=tmp_path)
-    wait_until(lambda: answers(vm.port + offset), what="the mirrored port")
+    wait_until(lambda: echo_works(vm.port + offset), what="the mirrored port")
     code, out, _ = run_vtunnel("status", "--metrics", f"127.0.0.1:{metrics}")
     assert code == 0 and f"VM 127.0.0.1 port {vm.port} -> host 127.0.0.1:{vm.port + offset}" in out
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as answer:
@@ -315,9 +300,9 @@ def test_the_mirrors_own_listeners_are_never_mirrored(deployment):
     d = deployment("local")
     mirror_entry(d, [vm.port, vm.port + offset, later.getsockname()[1]], offset)
     d.start()
-    wait_until(lambda: answers(vm.port + offset), what="the mirrored port")
+    wait_until(lambda: echo_works(vm.port + offset), what="the mirrored port")
     later.listen(1)
-    wait_until(lambda: not refused(later.getsockname()[1] + offset), what="a port that came later: the watcher "
+    wait_until(lambda: not refuses(later.getsockname()[1] + offset), what="a port that came later: the watcher "
                "has looked again since the host listened on the first")
     assert f"VM port {vm.port + offset} " not in d.local.log
     vm.stop()
@@ -333,7 +318,7 @@ def test_only_the_other_vtunnel_gets_a_vm_port_and_only_a_mirrored_one(deploymen
     d = deployment("tcp")
     entry = mirror_entry(d, [vm.port], offset, **{"leg-secret-file": write_secret(tmp_path / "leg.secret")})
     d.start()
-    wait_until(lambda: answers(vm.port + offset), what="the mirrored port, through the leg exchange")
+    wait_until(lambda: echo_works(vm.port + offset), what="the mirrored port, through the leg exchange")
     for opening in (b"VTML" + secret_service.port.to_bytes(2, "big"), b"VTMC"):
         with socket.create_connection(("127.0.0.1", entry["vsock-peer-port"]), timeout=10) as sock:
             sock.sendall(opening)
@@ -354,7 +339,7 @@ def test_a_vm_port_not_mirrored_is_refused_on_the_leg(deployment):
     d = deployment("tcp")
     entry = mirror_entry(d, [vm.port], offset)
     d.start()
-    wait_until(lambda: answers(vm.port + offset), what="the mirrored port")
+    wait_until(lambda: echo_works(vm.port + offset), what="the mirrored port")
     with socket.create_connection(("127.0.0.1", entry["vsock-peer-port"]), timeout=10) as sock:
         sock.sendall(b"VTML" + other.port.to_bytes(2, "big") + b"GET / HTTP/1.0\r\n\r\n")
         try:
@@ -380,9 +365,9 @@ def test_the_host_listens_only_on_ports_its_own_config_mirrors(tmp_path):
     peer = Vtunnel("peer", "--config-path", peer_config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
     host = Vtunnel("host", "--config-path", host_config, "--vsock", "tcp:127.0.0.1", log_dir=tmp_path)
     try:
-        wait_until(lambda: answers(ours.port + offset), what="the port both configs mirror")
+        wait_until(lambda: echo_works(ours.port + offset), what="the port both configs mirror")
         host.wait_for_log(f"vm-ports: the peer reports VM ports this config does not mirror ({theirs.port})")
-        assert refused(theirs.port + offset) and host.log.count("does not mirror") == 1
+        assert refuses(theirs.port + offset) and host.log.count("does not mirror") == 1
     finally:
         peer.stop()
         host.stop()
@@ -398,7 +383,7 @@ def test_a_port_that_goes_keeps_its_connections_for_the_grace_period(deployment)
     d = deployment("tcp")
     mirror_entry(d, [vm.port], offset)
     d.start()
-    wait_until(lambda: answers(vm.port + offset), what="the mirrored port")
+    wait_until(lambda: echo_works(vm.port + offset), what="the mirrored port")
     with socket.create_connection(("127.0.0.1", vm.port + offset), timeout=10) as sock:
         sock.sendall(b"before")
         assert sock.recv(100) == b"before"

@@ -14,7 +14,6 @@ from test_failure_matrix import VSOCK_GUEST
 from helpers import (
     MODES,
     exchange,
-    exchange_on,
     half_close_server,
     how_it_ended,
     reply_for,
@@ -23,19 +22,13 @@ from helpers import (
     source_server,
     stream_bytes,
     unix_echo_server,
+    unix_exchange,
     wait_until,
 )
 
 ALL_TRANSPORTS = [*MODES, "hybrid", pytest.param("vsock", marks=[pytest.mark.vsock, VSOCK_GUEST]),
                   pytest.param("hybrid-vsock", marks=[pytest.mark.vsock, VSOCK_GUEST])]
 MiB = 1024 * 1024
-
-
-def unix_exchange(path, payload):
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(60)
-        sock.connect(path)
-        return exchange_on(sock, payload)
 
 
 def host_port(entry):

@@ -16,12 +16,14 @@ import pytest
 from helpers import (
     ROOT,
     Vtunnel,
+    echo_works,
     exchange,
-    exchange_on,
     free_port,
+    refuses,
     sha256,
     socket_dir,
     tunnel_entry,
+    unix_exchange,
     wait_until,
     write_config,
 )
@@ -92,13 +94,6 @@ def activations():
         print(activated.log)
 
 
-def unix_exchange(path, payload):
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(60)
-        sock.connect(path)
-        return exchange_on(sock, payload)
-
-
 def in_background(function, *args):
     """Run function(*args) in a thread; returns a list that holds its result (or exception) when done."""
     result = []
@@ -111,23 +106,6 @@ def in_background(function, *args):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, result
-
-
-def _echoes(port):
-    """Whether a round trip through `port` comes back (a `local` process carries only once its host end
-    has handshaken: a client before that is reset)."""
-    try:
-        return exchange(port, b"own", timeout=5) == b"own"
-    except OSError:
-        return False
-
-
-def refuses(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_the_peer_takes_its_listeners_from_systemd_by_name_and_by_address(tmp_path, echo, activations):
@@ -222,7 +200,7 @@ def test_sockets_meant_for_another_process_are_left_alone(tmp_path, echo):
                                  "LISTEN_FDNAMES": "web"}, preexec_fn=as_descriptor_3, close_fds=False, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _echoes(web["peer-port"]), what="vtunnel's own listener, carrying")
+        wait_until(lambda: echo_works(web["peer-port"]), what="vtunnel's own listener, carrying")
     finally:
         peer.send_signal(signal.SIGTERM)
         out = peer.communicate(timeout=15)[0].decode()

@@ -23,16 +23,10 @@ from helpers import (
     socket_dir,
     tunnel_entry,
     unix_echo_server,
+    unix_exchange,
     wait_until,
     write_config,
 )
-
-
-def unix_exchange(path, payload):
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(60)
-        sock.connect(str(path))
-        return exchange_on(sock, payload)
 
 
 def unix_echo_works(path):
