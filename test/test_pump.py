@@ -4,6 +4,7 @@ import errno
 import gc
 import hashlib
 import os
+import random
 import socket
 import stat
 import time
@@ -131,6 +132,101 @@ def test_large_transfer_both_ways_at_once_keeps_every_byte(pumped):
     assert hashlib.sha256(readers[0].value).digest() == hashlib.sha256(up).digest()
     assert hashlib.sha256(readers[1].value).digest() == hashlib.sha256(down).digest()
     assert running.get(timeout=10).sent == [len(up), len(down)]
+
+
+def send_messages(sock, messages, pause):
+    """Each message with sendall, pause() between them (a chatty peer), then a half-close."""
+    for message in messages:
+        sock.sendall(message)
+        gevent.sleep(pause())
+    sock.shutdown(socket.SHUT_WR)
+
+
+def test_messages_of_every_size_both_ways_arrive_whole_and_in_order(pumped):
+    """Small messages are carried by the loop's callback, larger ones by the pump's greenlet, which
+    takes over and hands back as the sizes change: message sizes on both sides of each read size,
+    with and without pauses between them, both ways at once."""
+    client, server, running = pumped
+    rng = random.Random(24)
+    sizes = [1, 64, 8191, 8192, 8193, 32768, 70000, 262144, 300000]
+
+    def messages():
+        return [os.urandom(rng.choice(sizes)) for _ in range(150)]
+
+    up, down = messages(), messages()
+    senders = [gevent.spawn(send_messages, client, up, lambda: rng.choice([0, 0, 0.001])),
+               gevent.spawn(send_messages, server, down, lambda: rng.choice([0, 0, 0.001]))]
+    readers = [gevent.spawn(read_all, server), gevent.spawn(read_all, client)]
+    gevent.joinall(senders + readers, raise_error=True, timeout=60)
+    assert hashlib.sha256(readers[0].value).digest() == hashlib.sha256(b"".join(up)).digest()
+    assert hashlib.sha256(readers[1].value).digest() == hashlib.sha256(b"".join(down)).digest()
+    assert running.get(timeout=10).sent == [sum(map(len, up)), sum(map(len, down))]
+
+
+def test_small_messages_to_a_reader_that_stops_wait_for_it_and_lose_nothing(pumped):
+    """The server stops reading while the client keeps sending 1,000-byte messages: once the
+    kernel's buffers are full a send takes part of a message or none, and the rest waits in the
+    pump (backpressure) until the server reads again. Every byte arrives, in order."""
+    client, server, running = pumped
+    messages = [os.urandom(1000)] * 20000  # 20 MB: more than every buffer on the way holds
+    sender = gevent.spawn(send_messages, client, messages, lambda: 0)
+    gevent.sleep(0.5)
+    assert not sender.ready()  # stalled: the pump holds no buffer of its own
+    received = read_all(server)
+    sender.get(timeout=10)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(b"".join(messages)).digest()
+    server.close()
+    assert running.get(timeout=10).sent[0] == len(received)
+
+
+def test_a_bug_met_while_the_loop_carries_small_messages_fails_the_connection_loudly(pumped, monkeypatch, caplog):
+    """An unexpected error in the loop's callback must fail the connection (both ends reset), as
+    one in the pump's greenlet does: a direction parked for ever would hang it instead."""
+    client, server, running = pumped
+    real_write, tests_own = os.write, (client.fileno(), server.fileno())
+
+    def broken_write(fd, data):  # the callback's writes fail (the greenlet's sends do not use it)
+        if fd not in tests_own:
+            raise RuntimeError("a bug")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", broken_write)
+    with pytest.raises(ConnectionResetError):  # the client sees a failure, whichever call meets it
+        client.sendall(b"first")  # (splicing, the first message goes through the callback; copying,
+        gevent.sleep(0.1)  # the first short read makes the greenlet hand the next one to it)
+        client.sendall(b"second")
+        read_all(client)
+    pump = running.get(timeout=10)
+    assert pump.failure[0] == "vtunnel" and isinstance(pump.failure[1], RuntimeError)
+    assert "unexpected error carrying bytes" in caplog.text
+
+
+@pytest.mark.parametrize("pair", [tcp_pair, unix_pair], ids=["tcp-tcp", "tcp-unix"])
+def test_a_one_way_trickle_is_not_idle(pair):
+    """idle-timeout counts bytes either way: a client that sends a byte every 0.1 s to a server that
+    has fallen silent keeps its connection past the 0.4 s timeout; once it stops, the timeout ends it."""
+    client, left = tcp_pair()
+    right, server = pair()
+    running = gevent.spawn(Pump(left, right, idle_timeout=0.4).run)
+    server.sendall(b"hello")  # then the server falls silent: its direction waits after a short read
+    assert client.recv(5) == b"hello"
+    for _ in range(12):
+        client.sendall(b".")
+        gevent.sleep(0.1)
+    assert not running.ready(), f"the pump ended: {running.value and running.value.failure}"
+    pump = running.get(timeout=10)
+    assert isinstance(pump.failure[1], vtunnel.IdleTimeout)
+    assert read_all_until_reset(server) == b"." * 12
+    client.close()
+
+
+def read_all_until_reset(sock):
+    chunks = []
+    try:
+        while data := sock.recv(4096):
+            chunks.append(data)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
 
 
 def test_no_greenlet_or_socket_outlives_its_connection():

@@ -365,10 +365,19 @@ def iperf(port, seconds, reverse=False, streams=1):
     return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"], per_stream
 
 
-def rtt(port, count=10000):
+def relay_cpu_seconds(chain):
+    """User+system CPU of the relay processes alive now (socat's per-connection children included)."""
+    return chain.sum_over_processes(lambda pid: sum(map(int, stat_fields(pid)[11:13]))) / os.sysconf("SC_CLK_TCK")
+
+
+def rtt(port, count=10000, chain=None):
+    """64-byte round trips, back to back: (p50 µs, p99 µs, the relays' CPU µs per round trip or None)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     message, times = b"x" * 64, []
+    sock.sendall(message)  # the first one: every relay process on the way (socat's children) exists
+    read_exactly(sock, 64)
+    cpu0 = relay_cpu_seconds(chain) if chain and chain.procs else None
     for _ in range(count):
         start = time.perf_counter()
         sock.sendall(message)
@@ -376,9 +385,20 @@ def rtt(port, count=10000):
         while got < 64:
             got += len(sock.recv(64 - got))
         times.append(time.perf_counter() - start)
+    cpu = (relay_cpu_seconds(chain) - cpu0) / count * 1e6 if cpu0 is not None else None
     sock.close()
     times.sort()
-    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6, cpu
+
+
+def read_exactly(sock, size):
+    got = b""
+    while len(got) < size:
+        data = sock.recv(size - len(got))
+        if not data:
+            raise RuntimeError("the connection closed")
+        got += data
+    return got
 
 
 def connection_rate(port, seconds, concurrency):
@@ -486,7 +506,9 @@ def measure_loaded(chain, tools, seconds, postgres):
 def measure(chain, tools, seconds, clients, idle):
     # A chain that fails this is still measured: its row says so, and the figures stand beside it.
     row = {"intact": integrity(chain.port)}
-    row["rtt p50 µs"], row["rtt p99 µs"] = rtt(chain.port)
+    row["rtt p50 µs"], row["rtt p99 µs"], cpu = rtt(chain.port, chain=chain)
+    if cpu is not None:
+        row["relay CPU µs per round trip"] = cpu
     row["conn/s sequential"], failed = connection_rate(chain.port, seconds / 2, 1)
     row[f"conn/s {clients} clients"], failed_many = connection_rate(chain.port, seconds / 2, clients)
     row["failed connections"] = float(failed + failed_many)
@@ -534,7 +556,8 @@ def table(results, base):
     metrics = []
     for row in results.values():
         metrics += [m for m in row if m not in metrics]
-    better_low = {"KiB per idle conn", "descriptors per idle conn", "machine CPU s per GiB", "relay CPU s per GiB"}
+    better_low = {"KiB per idle conn", "descriptors per idle conn", "machine CPU s per GiB", "relay CPU s per GiB",
+                  "relay CPU µs per round trip"}
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in metrics:

@@ -67,9 +67,7 @@ def probe_rtt(names, rounds, count=10000):
             for name in names:
                 chain = upstreams.chain(name)
                 try:
-                    cpu_before = tree_cpu(chain)
-                    p50, p99 = bench.rtt(chain.port, count)
-                    cpu = (tree_cpu(chain) - cpu_before) / count * 1e6
+                    p50, p99, cpu = bench.rtt(chain.port, count, chain=chain)
                 finally:
                     chain.stop()
                 print(f"{name:18} p50 {p50:5.0f} µs  p99 {p99:5.0f} µs  relay CPU {cpu:5.1f} µs per round trip",
@@ -93,7 +91,7 @@ def probe_conn(names, rounds, seconds):
 
 def tree_cpu(chain):
     """CPU seconds of the relays, their live children and the children they have reaped (socat forks one
-    per connection, and bench.rtt's connection has ended by the second reading)."""
+    per connection, and each of bench.connection_rate's has ended by the second reading)."""
     ticks = chain.sum_over_processes(lambda pid: sum(int(f) for f in bench.stat_fields(pid)[11:15]))
     return ticks / os.sysconf("SC_CLK_TCK")
 
