@@ -1842,7 +1842,7 @@ class SmallMessages:
             self.watcher.close()
 
 
-CALLBACKS_CARRY = os.name == "posix"  # _carry_small_messages reads and writes descriptors with os.read and os.write
+CALLBACKS_CARRY = os.name == "posix"  # SmallMessages reads and writes descriptors with os.read and os.write
 
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")  # Python 3.10+ on Linux
 

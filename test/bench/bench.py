@@ -366,19 +366,19 @@ def iperf(port, seconds, reverse=False, streams=1):
 
 
 def relay_cpu_seconds(chain):
-    """User+system CPU of the relay processes alive now (socat's per-connection children included)."""
-    return chain.sum_over_processes(lambda pid: sum(map(int, stat_fields(pid)[11:13]))) / os.sysconf("SC_CLK_TCK")
+    """User+system CPU of the relays, their live children and the children they have reaped (socat
+    forks one per connection)."""
+    return chain.sum_over_processes(lambda pid: sum(map(int, stat_fields(pid)[11:15]))) / os.sysconf("SC_CLK_TCK")
 
 
 def rtt(port, count=10000, chain=None):
     """64-byte round trips, back to back: (p50 µs, p99 µs, the relays' CPU µs per round trip or None)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    message, times = b"x" * 64, []
-    sock.sendall(message)  # the first one: every relay process on the way (socat's children) exists
-    read_exactly(sock, 64)
-    cpu0 = relay_cpu_seconds(chain) if chain and chain.procs else None
-    for _ in range(count):
+    message, times, cpu0 = b"x" * 64, [], None
+    for i in range(count + 1):  # the first is not counted: after it every relay process (socat's children) exists
+        if i == 1 and chain and chain.procs:
+            cpu0 = relay_cpu_seconds(chain)
         start = time.perf_counter()
         sock.sendall(message)
         got = 0
@@ -387,18 +387,8 @@ def rtt(port, count=10000, chain=None):
         times.append(time.perf_counter() - start)
     cpu = (relay_cpu_seconds(chain) - cpu0) / count * 1e6 if cpu0 is not None else None
     sock.close()
-    times.sort()
+    times = sorted(times[1:])
     return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6, cpu
-
-
-def read_exactly(sock, size):
-    got = b""
-    while len(got) < size:
-        data = sock.recv(size - len(got))
-        if not data:
-            raise RuntimeError("the connection closed")
-        got += data
-    return got
 
 
 def connection_rate(port, seconds, concurrency):

@@ -80,20 +80,13 @@ def probe_conn(names, rounds, seconds):
             for name in names:
                 chain = upstreams.chain(name)
                 try:
-                    cpu_before = tree_cpu(chain)
+                    cpu_before = bench.relay_cpu_seconds(chain)
                     rate, failed = bench.connection_rate(chain.port, seconds, 1)
-                    cpu = (tree_cpu(chain) - cpu_before) / (rate * seconds) * 1e6
+                    cpu = (bench.relay_cpu_seconds(chain) - cpu_before) / (rate * seconds) * 1e6
                 finally:
                     chain.stop()
                 print(f"{name:18} {rate:6.0f} conn/s ({failed} failed)  relay CPU {cpu:5.0f} µs per connection",
                       flush=True)
-
-
-def tree_cpu(chain):
-    """CPU seconds of the relays, their live children and the children they have reaped (socat forks one
-    per connection, and each of bench.connection_rate's has ended by the second reading)."""
-    ticks = chain.sum_over_processes(lambda pid: sum(int(f) for f in bench.stat_fields(pid)[11:15]))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def probe_greenlet(count=2000):
